@@ -1,0 +1,105 @@
+//! The stable plugin ABI between the `runv` core and its driver plugins.
+//!
+//! A plugin is a `cdylib` named `librunv_<kind>_<name>.so` that depends on this crate alone and
+//! exports one root module ([`PluginModuleRef`]) with [`export_hypervisor!`] or
+//! [`export_storage!`]. Plugin authors implement the plain Rust traits [`Hypervisor`], [`Vm`]
+//! and [`Storage`]; the adapters in this crate turn them into `abi_stable` trait objects, catch
+//! every panic at the boundary and return it as an error, so a buggy plugin cannot abort the core.
+//!
+//! # ABI version policy
+//!
+//! The ABI version is this crate's package version, checked by `abi_stable` when the core loads
+//! a plugin (in addition to a structural check of every type that crosses the boundary):
+//!
+//! * While the version is `0.y.z`, `y` is the major version: a plugin must be rebuilt against the
+//!   same `0.y` as the core. A plugin built against another `0.y` is rejected with
+//!   `IncompatibleVersionNumber`; one whose types differ is rejected with `AbiInstability`.
+//! * A patch release (`0.y.z+1`) only appends fields after the last prefix field of a prefix type
+//!   or appends methods to a trait object; plugins built against an older patch keep loading, and
+//!   the core treats the missing items as "not supported".
+//! * Configurations ([`VmConfig`], [`StorageRequest`], [`PreparedRootfs`]) cross the boundary as
+//!   versioned JSON: new fields always have defaults, so old plugins ignore them and new plugins
+//!   read old configs. Removing or retyping a field is a major change.
+//! * Capability bits are only ever added; an unknown bit is ignored by older cores.
+
+mod abi;
+mod adapter;
+mod capabilities;
+mod client;
+mod config;
+
+pub use abi::{
+    HypervisorDriverAbi_TO, HypervisorDriverBox, PluginInfo, PluginKind, PluginModule,
+    PluginModuleRef, Probe, StorageDriverAbi_TO, StorageDriverBox, VmExit, VmHandleAbi_TO,
+    VmHandleBox, VmStats,
+};
+pub use adapter::{Hypervisor, Storage, Vm, hypervisor_box, storage_box};
+pub use capabilities::Capabilities;
+pub use client::{HypervisorClient, StorageClient, VmClient};
+pub use config::{
+    BlockDevice, NetInterface, PreparedRootfs, RootfsSource, SharedDir, StorageRequest,
+    VM_CONFIG_VERSION, VmConfig,
+};
+
+/// Re-exported so that plugins use exactly the `abi_stable` this crate was built with.
+pub use abi_stable;
+
+/// Exports a hypervisor plugin's root module. `$ctor` is an expression of type
+/// `fn() -> Result<T, String>` where `T: Hypervisor`.
+#[macro_export]
+macro_rules! export_hypervisor {
+    ($ctor:expr) => {
+        #[$crate::abi_stable::export_root_module]
+        pub fn runv_plugin_root_module() -> $crate::PluginModuleRef {
+            extern "C" fn new_hypervisor() -> $crate::abi_stable::std_types::RResult<
+                $crate::HypervisorDriverBox,
+                $crate::abi_stable::std_types::RString,
+            > {
+                $crate::hypervisor_box($ctor).into()
+            }
+            extern "C" fn new_storage() -> $crate::abi_stable::std_types::RResult<
+                $crate::StorageDriverBox,
+                $crate::abi_stable::std_types::RString,
+            > {
+                $crate::abi_stable::std_types::RErr("not a storage plugin".into())
+            }
+            $crate::abi_stable::prefix_type::PrefixTypeTrait::leak_into_prefix(
+                $crate::PluginModule {
+                    kind: $crate::PluginKind::Hypervisor,
+                    new_hypervisor,
+                    new_storage,
+                },
+            )
+        }
+    };
+}
+
+/// Exports a storage plugin's root module. `$ctor` is an expression of type
+/// `fn() -> Result<T, String>` where `T: Storage`.
+#[macro_export]
+macro_rules! export_storage {
+    ($ctor:expr) => {
+        #[$crate::abi_stable::export_root_module]
+        pub fn runv_plugin_root_module() -> $crate::PluginModuleRef {
+            extern "C" fn new_hypervisor() -> $crate::abi_stable::std_types::RResult<
+                $crate::HypervisorDriverBox,
+                $crate::abi_stable::std_types::RString,
+            > {
+                $crate::abi_stable::std_types::RErr("not a hypervisor plugin".into())
+            }
+            extern "C" fn new_storage() -> $crate::abi_stable::std_types::RResult<
+                $crate::StorageDriverBox,
+                $crate::abi_stable::std_types::RString,
+            > {
+                $crate::storage_box($ctor).into()
+            }
+            $crate::abi_stable::prefix_type::PrefixTypeTrait::leak_into_prefix(
+                $crate::PluginModule {
+                    kind: $crate::PluginKind::Storage,
+                    new_hypervisor,
+                    new_storage,
+                },
+            )
+        }
+    };
+}
