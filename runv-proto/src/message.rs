@@ -1,0 +1,215 @@
+//! Control messages (the JSON payload of [`crate::FrameType::Control`] frames).
+
+use serde::{Deserialize, Serialize};
+
+/// A control message. Both sides send `Hello` first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum Message {
+    Hello {
+        version: u32,
+        agent_version: String,
+    },
+    Request {
+        id: u64,
+        body: Request,
+    },
+    Response {
+        id: u64,
+        result: Result<ResponseBody, AgentError>,
+    },
+    Event {
+        event: Event,
+    },
+}
+
+/// Requests from the host to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    /// Creates a container whose init is blocked until `StartContainer`.
+    CreateContainer {
+        id: String,
+        /// The OCI runtime spec (config.json) as JSON.
+        spec: serde_json::Value,
+        rootfs: Rootfs,
+        stdio: Stdio,
+        #[serde(default)]
+        hostname: Option<String>,
+        /// Contents for the container's /etc/hosts.
+        #[serde(default)]
+        hosts: Option<String>,
+        /// Contents for the container's /etc/resolv.conf.
+        #[serde(default)]
+        resolv_conf: Option<String>,
+    },
+    StartContainer {
+        id: String,
+    },
+    Exec {
+        container_id: String,
+        exec_id: String,
+        /// An OCI `Process` as JSON.
+        process: serde_json::Value,
+        stdio: Stdio,
+    },
+    Signal {
+        container_id: String,
+        #[serde(default)]
+        exec_id: Option<String>,
+        signal: i32,
+        /// Signal every process of the container, not only its init.
+        #[serde(default)]
+        all: bool,
+    },
+    WindowSize {
+        container_id: String,
+        #[serde(default)]
+        exec_id: Option<String>,
+        rows: u16,
+        cols: u16,
+    },
+    Ps {
+        container_id: String,
+    },
+    RemoveContainer {
+        id: String,
+    },
+    ConfigureNetwork {
+        interfaces: Vec<Interface>,
+        routes: Vec<Route>,
+    },
+    /// Power the VM off after a sync. Also: power off once the last container's init exits.
+    SetPowerOffWhenIdle {
+        enabled: bool,
+    },
+    Shutdown,
+}
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rootfs {
+    pub source: RootfsSource,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RootfsSource {
+    /// A 9p share, by its `mount_tag`.
+    Share { tag: String },
+    /// A virtio-blk disk, found by `/sys/block/vd*/serial`.
+    Block { serial: String, fs_type: String },
+}
+
+/// Stream ids (chosen by the host) for a process's standard streams.
+///
+/// With `terminal`, `stdout` carries the pty output and `stderr` is `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stdio {
+    #[serde(default)]
+    pub terminal: bool,
+    #[serde(default)]
+    pub stdin: Option<u32>,
+    pub stdout: u32,
+    #[serde(default)]
+    pub stderr: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub mac: String,
+    pub name: String,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// CIDR strings, e.g. `10.0.0.2/24`.
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// CIDR or `default`.
+    pub dest: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResponseBody {
+    Ok,
+    Pong {
+        agent_version: String,
+    },
+    /// Answer to `CreateContainer` / `Exec`: the guest pid of the process.
+    Process {
+        pid: i32,
+    },
+    Ps {
+        processes: Vec<ProcessInfo>,
+    },
+}
+
+/// A failed request. `code` follows runc: 127 command not found, 126 not executable,
+/// 1 for other errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub message: String,
+    pub code: i32,
+}
+
+impl AgentError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Pid as seen in the container's pid namespace.
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    pub state: String,
+    pub args: Vec<String>,
+}
+
+/// Unsolicited news from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A container init (`exec_id` None) or an exec'd process ended. Sent after its output
+    /// streams reached EOF (or a short grace period passed, if a leftover child holds them).
+    ProcessExited {
+        container_id: String,
+        #[serde(default)]
+        exec_id: Option<String>,
+        status: ExitStatus,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// The code a shell would report: the exit code, or 128 + the signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Exited(c) => c,
+            Self::Signaled(s) => 128 + s,
+        }
+    }
+}

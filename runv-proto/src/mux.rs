@@ -1,0 +1,372 @@
+//! Stream multiplexing with credit-based flow control, shared by host and guest.
+//!
+//! A [`Mux`] owns the writing half of a connection. The owner of the reading half feeds every
+//! frame it reads to [`Mux::handle_frame`], which applies data, EOF and credit frames and hands
+//! control messages back.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::{Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, Message, ProtoError, Result};
+
+type Writer = FrameWriter<Box<dyn Write + Send>>;
+
+enum SinkMsg {
+    Data(Vec<u8>),
+    Eof,
+}
+
+enum Slot {
+    /// Data that arrived before a sink was attached (bounded by the window).
+    Pending {
+        chunks: Vec<Vec<u8>>,
+        eof: bool,
+    },
+    Attached(mpsc::Sender<SinkMsg>),
+    Closed,
+}
+
+struct InStream {
+    slot: Slot,
+    /// Bytes received and not yet credited back: never above the window.
+    outstanding: u64,
+}
+
+/// Completion of an attached output stream.
+#[derive(Clone)]
+pub struct OutputHandle {
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl OutputHandle {
+    fn new() -> Self {
+        Self {
+            done: Arc::new((Mutex::new(false), Condvar::new())),
+        }
+    }
+
+    fn finish(&self) {
+        *lock(&self.done.0) = true;
+        self.done.1.notify_all();
+    }
+
+    /// Waits until the stream's EOF arrived and every byte was written to the sink (or the
+    /// connection died). Returns false on timeout.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut done = lock(&self.done.0);
+        while !*done {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            done = self
+                .done
+                .1
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub fn is_done(&self) -> bool {
+        *lock(&self.done.0)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writing half of a connection plus per-stream flow-control state.
+pub struct Mux {
+    writer: Mutex<Writer>,
+    /// Credit we may still spend per outgoing stream.
+    credits: Mutex<HashMap<u32, u64>>,
+    credit_cv: Condvar,
+    incoming: Mutex<HashMap<u32, InStream>>,
+    closed: AtomicBool,
+}
+
+impl Mux {
+    pub fn new(writer: Box<dyn Write + Send>) -> Arc<Self> {
+        Arc::new(Self {
+            writer: Mutex::new(FrameWriter::new(writer)),
+            credits: Mutex::new(HashMap::new()),
+            credit_cv: Condvar::new(),
+            incoming: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn closed_err() -> ProtoError {
+        ProtoError::Io(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "connection closed",
+        ))
+    }
+
+    fn write_frame(&self, frame: &Frame) -> Result<()> {
+        if self.is_closed() {
+            return Err(Self::closed_err());
+        }
+        let r = lock(&self.writer).write_frame(frame);
+        if r.is_err() {
+            self.close();
+        }
+        r
+    }
+
+    /// Sends one control message.
+    pub fn send_message(&self, msg: &Message) -> Result<()> {
+        self.write_frame(&Frame::control(msg)?)
+    }
+
+    /// Marks the connection dead: wakes every sender waiting for credit and ends every sink.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        {
+            let _g = lock(&self.credits);
+            self.credit_cv.notify_all();
+        }
+        for s in lock(&self.incoming).values_mut() {
+            // Dropping the sender ends the sink thread after it drained its queue.
+            if matches!(s.slot, Slot::Attached(_)) {
+                s.slot = Slot::Closed;
+            }
+        }
+    }
+
+    /// Waits for credit on `stream`; returns how many bytes (at most `want`) may be sent now.
+    fn take_credit(&self, stream: u32, want: usize) -> Result<usize> {
+        let mut credits = lock(&self.credits);
+        loop {
+            if self.is_closed() {
+                return Err(Self::closed_err());
+            }
+            let c = credits.entry(stream).or_insert(INITIAL_WINDOW);
+            if *c > 0 {
+                let n = (*c).min(want as u64) as usize;
+                *c -= n as u64;
+                return Ok(n);
+            }
+            credits = self
+                .credit_cv
+                .wait(credits)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give_back_credit(&self, stream: u32, n: usize) {
+        if n > 0 {
+            *lock(&self.credits).entry(stream).or_insert(0) += n as u64;
+            self.credit_cv.notify_all();
+        }
+    }
+
+    /// Current unspent credit of an outgoing stream (for tests and diagnostics).
+    pub fn credit(&self, stream: u32) -> u64 {
+        *lock(&self.credits).get(&stream).unwrap_or(&INITIAL_WINDOW)
+    }
+
+    /// Sends `bytes` on `stream`, blocking while the receiver has granted no credit.
+    pub fn send_data(&self, stream: u32, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let n = self.take_credit(stream, bytes.len().min(MAX_DATA))?;
+            let mut w = lock(&self.writer);
+            if let Err(e) = w.write_data(stream, &bytes[..n]) {
+                drop(w);
+                self.close();
+                return Err(e);
+            }
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Signals the end of `stream`.
+    pub fn send_eof(&self, stream: u32) -> Result<()> {
+        self.write_frame(&Frame::eof(stream))?;
+        lock(&self.credits).remove(&stream);
+        Ok(())
+    }
+
+    /// Copies `source` to `stream` until its end, then sends EOF. It reads only as much as the
+    /// receiver's credit allows, so a slow receiver leaves the rest in `source` (for example a
+    /// process's pipe). Returns the number of bytes sent.
+    pub fn pump(&self, stream: u32, mut source: impl Read) -> Result<u64> {
+        let mut buf = vec![0u8; MAX_DATA];
+        let mut total = 0u64;
+        loop {
+            let n = self.take_credit(stream, MAX_DATA)?;
+            let got = loop {
+                match source.read(&mut buf[..n]) {
+                    Ok(k) => break k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // A pty master reports EIO once the last slave fd is closed: that is EOF.
+                    Err(e) if e.raw_os_error() == Some(5) => break 0,
+                    Err(e) => {
+                        self.give_back_credit(stream, n);
+                        let _ = self.send_eof(stream);
+                        return Err(e.into());
+                    }
+                }
+            };
+            self.give_back_credit(stream, n - got);
+            if got == 0 {
+                break;
+            }
+            let mut w = lock(&self.writer);
+            if let Err(e) = w.write_data(stream, &buf[..got]) {
+                drop(w);
+                self.close();
+                return Err(e);
+            }
+            total += got as u64;
+        }
+        self.send_eof(stream)?;
+        Ok(total)
+    }
+
+    /// Routes incoming data of `stream` to `sink`, written by a thread of its own. Credit is
+    /// granted back only after a write to the sink succeeded. Data that arrived before this
+    /// call is kept (at most one window) and written first. The sink is dropped at EOF.
+    pub fn attach_sink(self: &Arc<Self>, stream: u32, sink: Box<dyn Write + Send>) -> OutputHandle {
+        let handle = OutputHandle::new();
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut incoming = lock(&self.incoming);
+            let entry = incoming.entry(stream).or_insert(InStream {
+                slot: Slot::Pending {
+                    chunks: Vec::new(),
+                    eof: false,
+                },
+                outstanding: 0,
+            });
+            let old = std::mem::replace(&mut entry.slot, Slot::Attached(tx.clone()));
+            match old {
+                Slot::Pending { chunks, eof } => {
+                    for c in chunks {
+                        let _ = tx.send(SinkMsg::Data(c));
+                    }
+                    if eof {
+                        let _ = tx.send(SinkMsg::Eof);
+                        entry.slot = Slot::Closed;
+                    }
+                }
+                Slot::Attached(_) | Slot::Closed => {
+                    // A second attach or an attach after EOF: nothing more will come.
+                    entry.slot = old;
+                    let _ = tx.send(SinkMsg::Eof);
+                }
+            }
+            if self.is_closed() {
+                entry.slot = Slot::Closed;
+            }
+        }
+        drop(tx);
+        let mux = Arc::clone(self);
+        let h = handle.clone();
+        std::thread::Builder::new()
+            .name(format!("sink-{stream}"))
+            .spawn(move || {
+                mux.run_sink(stream, sink, rx);
+                h.finish();
+            })
+            .expect("spawn sink thread");
+        handle
+    }
+
+    fn run_sink(&self, stream: u32, mut sink: Box<dyn Write + Send>, rx: mpsc::Receiver<SinkMsg>) {
+        let mut broken = false;
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                SinkMsg::Data(d) => {
+                    if !broken && sink.write_all(&d).and_then(|_| sink.flush()).is_err() {
+                        // The consumer went away: keep draining so the sender does not hang.
+                        broken = true;
+                    }
+                    if let Some(s) = lock(&self.incoming).get_mut(&stream) {
+                        s.outstanding = s.outstanding.saturating_sub(d.len() as u64);
+                    }
+                    let _ = self.write_frame(&Frame::credit(stream, d.len() as u32));
+                }
+                SinkMsg::Eof => break,
+            }
+        }
+        drop(sink);
+    }
+
+    /// Applies one incoming frame. Control messages are returned to the caller.
+    pub fn handle_frame(&self, frame: Frame) -> Result<Option<Message>> {
+        match frame.kind {
+            FrameType::Control => Ok(Some(frame.message()?)),
+            FrameType::Credit => {
+                let grant = frame.credit_grant()?;
+                self.give_back_credit(frame.stream, grant as usize);
+                Ok(None)
+            }
+            FrameType::Data => {
+                let mut incoming = lock(&self.incoming);
+                let s = incoming.entry(frame.stream).or_insert(InStream {
+                    slot: Slot::Pending {
+                        chunks: Vec::new(),
+                        eof: false,
+                    },
+                    outstanding: 0,
+                });
+                s.outstanding += frame.payload.len() as u64;
+                if s.outstanding > INITIAL_WINDOW {
+                    return Err(ProtoError::Unexpected {
+                        expected: "data within the granted credit",
+                        got: format!(
+                            "{} bytes outstanding on stream {}",
+                            s.outstanding, frame.stream
+                        ),
+                    });
+                }
+                match &mut s.slot {
+                    Slot::Pending { chunks, eof: false } => chunks.push(frame.payload),
+                    Slot::Attached(tx) => {
+                        let _ = tx.send(SinkMsg::Data(frame.payload));
+                    }
+                    Slot::Pending { eof: true, .. } | Slot::Closed => {
+                        return Err(ProtoError::Unexpected {
+                            expected: "no data after EOF",
+                            got: format!("data on closed stream {}", frame.stream),
+                        });
+                    }
+                }
+                Ok(None)
+            }
+            FrameType::Eof => {
+                let mut incoming = lock(&self.incoming);
+                let s = incoming.entry(frame.stream).or_insert(InStream {
+                    slot: Slot::Pending {
+                        chunks: Vec::new(),
+                        eof: false,
+                    },
+                    outstanding: 0,
+                });
+                match &mut s.slot {
+                    Slot::Pending { eof, .. } => *eof = true,
+                    Slot::Attached(tx) => {
+                        let _ = tx.send(SinkMsg::Eof);
+                        s.slot = Slot::Closed;
+                    }
+                    Slot::Closed => {}
+                }
+                Ok(None)
+            }
+        }
+    }
+}

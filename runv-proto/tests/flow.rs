@@ -1,0 +1,315 @@
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runv_proto::client::{AgentClient, Error};
+use runv_proto::*;
+
+/// A source of a known byte pattern that records how far ahead of the consumer it was read.
+struct Source {
+    pos: u64,
+    len: u64,
+    consumed: Arc<AtomicU64>,
+    max_ahead: Arc<AtomicU64>,
+}
+
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2654435761) >> 7) as u8
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len - self.pos) as usize;
+        for (k, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern(self.pos + k as u64);
+        }
+        self.pos += n as u64;
+        let ahead = self.pos - self.consumed.load(Ordering::SeqCst);
+        self.max_ahead.fetch_max(ahead, Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
+/// A slow consumer that checks every byte.
+struct SlowSink {
+    pos: u64,
+    consumed: Arc<AtomicU64>,
+    writes: u64,
+}
+
+impl Write for SlowSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for (k, b) in buf.iter().enumerate() {
+            assert_eq!(
+                *b,
+                pattern(self.pos + k as u64),
+                "byte {} out of order",
+                self.pos + k as u64
+            );
+        }
+        self.pos += buf.len() as u64;
+        self.writes += 1;
+        if self.writes % 16 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.consumed.store(self.pos, Ordering::SeqCst);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
+    const TOTAL: u64 = 8 << 20;
+    let (a, b) = UnixStream::pair().unwrap();
+    let sender = Mux::new(Box::new(a.try_clone().unwrap()));
+    let receiver = Mux::new(Box::new(b.try_clone().unwrap()));
+
+    // Sender side: read credit frames coming back.
+    let s2 = Arc::clone(&sender);
+    let mut a_reader = FrameReader::new(a);
+    std::thread::spawn(move || {
+        while let Ok(Some(f)) = a_reader.read_frame() {
+            s2.handle_frame(f).unwrap();
+        }
+    });
+    // Receiver side: feed data frames into its mux.
+    let r2 = Arc::clone(&receiver);
+    let mut b_reader = FrameReader::new(b);
+    std::thread::spawn(move || {
+        while let Ok(Some(f)) = b_reader.read_frame() {
+            r2.handle_frame(f).unwrap();
+        }
+    });
+
+    let consumed = Arc::new(AtomicU64::new(0));
+    let max_ahead = Arc::new(AtomicU64::new(0));
+    let src = Source {
+        pos: 0,
+        len: TOTAL,
+        consumed: consumed.clone(),
+        max_ahead: max_ahead.clone(),
+    };
+    let pump = {
+        let sender = Arc::clone(&sender);
+        std::thread::spawn(move || sender.pump(5, src).unwrap())
+    };
+    // Attach late: the first window is buffered, not lost.
+    std::thread::sleep(Duration::from_millis(100));
+    let h = receiver.attach_sink(
+        5,
+        Box::new(SlowSink {
+            pos: 0,
+            consumed: consumed.clone(),
+            writes: 0,
+        }),
+    );
+    assert!(h.wait(Duration::from_secs(60)), "stream did not finish");
+    assert_eq!(pump.join().unwrap(), TOTAL);
+    assert_eq!(consumed.load(Ordering::SeqCst), TOTAL);
+    let ahead = max_ahead.load(Ordering::SeqCst);
+    assert!(
+        ahead <= INITIAL_WINDOW,
+        "sender read {ahead} bytes ahead of the consumer, window is {INITIAL_WINDOW}"
+    );
+    assert!(ahead > 0);
+}
+
+/// A minimal fake agent speaking the protocol on the other end of a socketpair.
+fn fake_agent(s: UnixStream, version: u32) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mux = Mux::new(Box::new(s.try_clone().unwrap()));
+        mux.send_message(&Message::Hello {
+            version,
+            agent_version: "fake".into(),
+        })
+        .unwrap();
+        let mut r = FrameReader::new(s);
+        while let Ok(Some(f)) = r.read_frame() {
+            let Some(msg) = mux.handle_frame(f).unwrap() else {
+                continue;
+            };
+            if let Message::Request { id, body } = msg {
+                let mux = Arc::clone(&mux);
+                std::thread::spawn(move || {
+                    let result = match body {
+                        Request::Ping => Ok(ResponseBody::Pong {
+                            agent_version: "fake".into(),
+                        }),
+                        Request::Ps { container_id } => {
+                            // Answer slowly so concurrent requests overtake each other.
+                            std::thread::sleep(Duration::from_millis(50));
+                            Err(AgentError::new(
+                                1,
+                                format!("container {container_id} does not exist"),
+                            ))
+                        }
+                        Request::StartContainer { id: cid } => {
+                            mux.send_data(9, b"out").unwrap();
+                            mux.send_eof(9).unwrap();
+                            mux.send_message(&Message::Event {
+                                event: Event::ProcessExited {
+                                    container_id: cid,
+                                    exec_id: None,
+                                    status: ExitStatus::Exited(42),
+                                },
+                            })
+                            .unwrap();
+                            Ok(ResponseBody::Ok)
+                        }
+                        Request::Shutdown => std::process::exit(0),
+                        _ => Err(AgentError::new(1, "unsupported")),
+                    };
+                    let _ = mux.send_message(&Message::Response { id, result });
+                });
+            }
+        }
+    })
+}
+
+#[test]
+fn client_requests_events_output_and_disconnect() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let agent = fake_agent(b, PROTOCOL_VERSION);
+    let c = AgentClient::connect(a.into(), Duration::from_secs(5)).unwrap();
+    assert_eq!(c.agent_version(), "fake");
+
+    let mut threads = Vec::new();
+    for i in 0..8 {
+        let c = c.clone();
+        threads.push(std::thread::spawn(move || {
+            if i % 2 == 0 {
+                let e = c
+                    .request(
+                        Request::Ps {
+                            container_id: format!("c{i}"),
+                        },
+                        Duration::from_secs(5),
+                    )
+                    .unwrap_err();
+                assert_eq!(e.to_string(), format!("container c{i} does not exist"));
+            } else {
+                assert!(matches!(
+                    c.request(Request::Ping, Duration::from_secs(5)).unwrap(),
+                    ResponseBody::Pong { .. }
+                ));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    let out = Arc::new(Mutex::new(Vec::new()));
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let h = c.attach_output(9, Box::new(Shared(out.clone())));
+    c.request(
+        Request::StartContainer { id: "x".into() },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(h.wait(Duration::from_secs(5)));
+    assert_eq!(&*out.lock().unwrap(), b"out");
+    // Subscribing after the event still delivers it.
+    let ev = c.subscribe().recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        ev,
+        Event::ProcessExited {
+            container_id: "x".into(),
+            exec_id: None,
+            status: ExitStatus::Exited(42)
+        }
+    );
+
+    drop(agent); // detach; now make the agent's end go away
+    c.close();
+    assert!(c.wait_disconnected(Duration::from_secs(5)).is_some());
+    assert!(matches!(
+        c.request(Request::Ping, Duration::from_secs(1)),
+        Err(Error::Disconnected(_)) | Err(Error::Proto(_))
+    ));
+}
+
+#[test]
+fn peer_closing_is_reported_as_disconnect() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let mux = Mux::new(Box::new(b.try_clone().unwrap()));
+        mux.send_message(&Message::Hello {
+            version: PROTOCOL_VERSION,
+            agent_version: "x".into(),
+        })
+        .unwrap();
+        let mut r = FrameReader::new(b);
+        r.read_frame().unwrap(); // the host's hello
+        // Drop the socket: the VM "died".
+    });
+    let c = AgentClient::connect(a.into(), Duration::from_secs(5)).unwrap();
+    t.join().unwrap();
+    let why = c
+        .wait_disconnected(Duration::from_secs(5))
+        .expect("disconnect noticed");
+    assert!(why.contains("closed the connection"), "{why}");
+    let rx = c.subscribe();
+    assert!(rx.recv_timeout(Duration::from_secs(1)).is_err());
+}
+
+#[test]
+fn handshake_timeout_and_version_mismatch() {
+    let (a, _b) = UnixStream::pair().unwrap();
+    let e = AgentClient::connect(a.into(), Duration::from_millis(200))
+        .err()
+        .unwrap();
+    assert_eq!(e.to_string(), "guest agent did not answer within 1s");
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let _agent = fake_agent(b, PROTOCOL_VERSION + 1);
+    let e = AgentClient::connect(a.into(), Duration::from_secs(5))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("version mismatch"), "{e}");
+}
+
+#[test]
+fn throughput_over_socketpair() {
+    // Not a timing assertion: prints the rate so regressions are visible in test logs.
+    const TOTAL: u64 = 64 << 20;
+    let (a, b) = UnixStream::pair().unwrap();
+    let sender = Mux::new(Box::new(a.try_clone().unwrap()));
+    let receiver = Mux::new(Box::new(b.try_clone().unwrap()));
+    let s2 = Arc::clone(&sender);
+    let mut ar = FrameReader::new(a);
+    std::thread::spawn(move || {
+        while let Ok(Some(f)) = ar.read_frame() {
+            s2.handle_frame(f).unwrap();
+        }
+    });
+    let r2 = Arc::clone(&receiver);
+    let mut br = FrameReader::new(b);
+    std::thread::spawn(move || {
+        while let Ok(Some(f)) = br.read_frame() {
+            r2.handle_frame(f).unwrap();
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let h = receiver.attach_sink(1, Box::new(std::io::sink()));
+    let n = sender.pump(1, std::io::repeat(7).take(TOTAL)).unwrap();
+    assert!(h.wait(Duration::from_secs(120)));
+    assert_eq!(n, TOTAL);
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!("throughput: {:.0} MiB/s", TOTAL as f64 / secs / 1048576.0);
+}
