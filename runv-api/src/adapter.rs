@@ -65,7 +65,9 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> RResult<T, R
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(value)) => ROk(value),
         Ok(Err(message)) => RErr(message.into()),
-        Err(payload) => RErr(format!("{what}: plugin panicked: {}", panic_message(&*payload)).into()),
+        Err(payload) => {
+            RErr(format!("{what}: plugin panicked: {}", panic_message(&*payload)).into())
+        }
     }
 }
 

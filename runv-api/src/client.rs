@@ -51,7 +51,11 @@ pub struct VmClient {
 
 impl VmClient {
     pub fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        let fd = self.inner.take_agent_fd().into_result().map_err(String::from)?;
+        let fd = self
+            .inner
+            .take_agent_fd()
+            .into_result()
+            .map_err(String::from)?;
         if fd < 0 {
             return Err(format!("driver returned an invalid agent channel fd {fd}"));
         }
@@ -125,8 +129,12 @@ impl StorageClient {
             .prepare(RStr::from_str(&json))
             .into_result()
             .map_err(String::from)?;
-        serde_json::from_str(out.as_str())
-            .map_err(|e| format!("storage driver {} returned invalid JSON: {e}", self.info.name))
+        serde_json::from_str(out.as_str()).map_err(|e| {
+            format!(
+                "storage driver {} returned invalid JSON: {e}",
+                self.info.name
+            )
+        })
     }
 
     pub fn cleanup(&self, request: &StorageRequest) -> Result<(), String> {

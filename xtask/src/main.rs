@@ -1,1 +1,56 @@
-fn main() {}
+//! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
+
+mod dist;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <task> [args]
+
+tasks:
+  dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
+        install bin/runv, the chosen plugins under lib/runv and the guest files under
+        share/runv (default: every built driver but the example)
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((task, rest)) = args.split_first() else {
+        print!("{USAGE}");
+        bail!("no task given");
+    };
+    match task.as_str() {
+        "dist" => dist::run(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}\n{USAGE}"),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask has no parent directory")
+}
+
+/// Runs a command, failing with its name when it does not succeed.
+pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

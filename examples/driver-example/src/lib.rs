@@ -119,7 +119,10 @@ impl Vm for ExampleVm {
     }
 
     fn stop(&self, _timeout: Duration) -> Result<(), String> {
-        self.set(&[State::Running, State::Paused, State::Stopped], State::Stopped)?;
+        self.set(
+            &[State::Running, State::Paused, State::Stopped],
+            State::Stopped,
+        )?;
         if let Some(stream) = self.stopper.lock().map_err(|_| "lock poisoned")?.take() {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
@@ -129,7 +132,10 @@ impl Vm for ExampleVm {
     fn wait(&self) -> Result<VmExit, String> {
         let mut state = self.state.lock().map_err(|_| "state lock poisoned")?;
         while *state != State::Stopped {
-            state = self.changed.wait(state).map_err(|_| "state lock poisoned")?;
+            state = self
+                .changed
+                .wait(state)
+                .map_err(|_| "state lock poisoned")?;
         }
         Ok(VmExit {
             code: 0,

@@ -1,0 +1,117 @@
+//! The command line: runc's global flags and subcommands (from youki's liboci-cli) plus runv's
+//! own flags and commands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "runv",
+    about = "runv: an OCI runtime that runs every container in its own lightweight VM",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+
+    #[command(flatten)]
+    pub runv: RunvOpts,
+
+    /// print the version
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// runv's own global flags.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunvOpts {
+    /// directory to load driver plugins from (repeatable; default $RUNV_DRIVER_DIR, else
+    /// PREFIX/lib/runv beside the binary, /usr/lib/runv and the binary's own directory)
+    #[arg(long = "driver-dir", global = true, value_name = "DIR")]
+    pub driver_dirs: Vec<PathBuf>,
+    /// hypervisor driver to use (default: the first available of qemu, kvm-native, kvmtool, xen)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub driver: Option<String>,
+    /// storage driver for container root filesystems (default: share the bundle rootfs as is)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub storage: Option<String>,
+    /// guest kernel (default: the spec's vm.kernel, PREFIX/share/runv, then target/guest)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// guest initrd (default: as for --kernel)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// accelerator for drivers that have a choice: kvm or tcg (default: kvm where usable)
+    #[arg(long, global = true, value_name = "ACCEL")]
+    pub accel: Option<String>,
+    /// accepted for runc compatibility; runv containers are isolated by their VM
+    #[arg(long, hide = true, value_name = "VALUE")]
+    pub rootless: Option<String>,
+    /// accepted for runc compatibility; checkpointing is not supported
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    #[command(flatten)]
+    Standard(Box<StandardCmd>),
+    #[command(flatten)]
+    Common(Box<CommonCmd>),
+    /// list the driver plugins found, their capabilities and whether they can run here
+    Drivers(DriversArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DriversArgs {
+    /// output format: table or json
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn engine_style_invocation_parses() {
+        let cli = Cli::try_parse_from([
+            "runv",
+            "--root",
+            "/run/x",
+            "--log",
+            "/tmp/log.json",
+            "--log-format",
+            "json",
+            "--systemd-cgroup",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "id1",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.log_format.as_deref(), Some("json"));
+        assert!(matches!(cli.command, Some(Command::Standard(_))));
+    }
+
+    #[test]
+    fn runv_flags_work_after_the_subcommand_too() {
+        let cli =
+            Cli::try_parse_from(["runv", "drivers", "--driver-dir", "/a", "--format", "json"])
+                .unwrap();
+        assert_eq!(cli.runv.driver_dirs, vec![PathBuf::from("/a")]);
+    }
+}

@@ -1,0 +1,3 @@
+pub mod drivers;
+pub mod features;
+pub mod version;

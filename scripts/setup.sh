@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what runv needs on a Debian 12 machine (run as root). Idempotent.
+set -euo pipefail
+
+PACKAGES=(
+    qemu-system-x86   # the default hypervisor (TCG where there is no usable KVM)
+    busybox-static    # the demo and test container rootfs
+    e2fsprogs cpio kmod xz-utils zstd   # guest image: initrd, module deps, kernel unpacking
+    iproute2          # network tests
+    pkg-config
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust (rustup) first" >&2
+    exit 1
+fi
