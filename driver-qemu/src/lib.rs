@@ -1,0 +1,1 @@
+//! The QEMU hypervisor driver (being written).
