@@ -1,0 +1,645 @@
+//! The QEMU command line, built from a [`VmConfig`] by pure functions, and the choice of
+//! accelerator from facts about the host.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use runv_api::VmConfig;
+
+/// The accelerator QEMU runs the guest with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+/// The accelerator chosen for a VM and, when it is TCG although KVM was not ruled out by the
+/// user, why (one line for the core to print as a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccelChoice {
+    pub accel: Accel,
+    /// Set when falling back to TCG because KVM is not usable on this host.
+    pub fallback_reason: Option<String>,
+}
+
+/// What the accelerator choice depends on, read from the host by [`HostFacts::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// `vmx` or `svm` is among the CPU flags in /proc/cpuinfo.
+    pub hw_virt_flag: bool,
+    /// /dev/kvm can be opened read-write; the error otherwise.
+    pub kvm_device: Result<(), String>,
+    /// The host TSC frequency in kHz, when known.
+    pub tsc_khz: Option<u64>,
+}
+
+impl HostFacts {
+    pub fn read() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let kvm_device = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| format!("/dev/kvm: {e}"));
+        let tsc_khz = fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .or_else(|| cpu_mhz_khz(&cpuinfo));
+        Self {
+            hw_virt_flag: cpuinfo_has_virt_flag(&cpuinfo),
+            kvm_device,
+            tsc_khz,
+        }
+    }
+}
+
+/// Whether the `flags` line of /proc/cpuinfo names `vmx` (Intel VT-x) or `svm` (AMD-V).
+pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .filter_map(|l| l.split_once(':'))
+        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// The first `cpu MHz` of /proc/cpuinfo, in kHz.
+pub fn cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("cpu MHz"))
+        .filter_map(|l| l.split_once(':'))
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .find(|mhz| *mhz > 0.0)
+        .map(|mhz| (mhz * 1000.0).round() as u64)
+}
+
+/// Chooses KVM or TCG. `requested` is `parameters["accel"]` (`kvm`, `tcg`, or unset/`auto`).
+///
+/// KVM is used only when the CPU advertises hardware virtualization (vmx/svm) *and* /dev/kvm
+/// opens read-write: some hosts (e.g. with the `kvm_pvm` module) have a working /dev/kvm that
+/// cannot boot a stock kernel, so the device alone is not enough. A forced `kvm` is honoured even
+/// then (the user asked for it); a forced `tcg` always wins.
+pub fn choose_accel(requested: Option<&str>, host: &HostFacts) -> Result<AccelChoice, String> {
+    match requested.map(str::trim).filter(|s| !s.is_empty()) {
+        Some("kvm") => Ok(AccelChoice {
+            accel: Accel::Kvm,
+            fallback_reason: None,
+        }),
+        Some("tcg") => Ok(AccelChoice {
+            accel: Accel::Tcg,
+            fallback_reason: None,
+        }),
+        None | Some("auto") => {
+            let reason = match (&host.kvm_device, host.hw_virt_flag) {
+                (Ok(()), true) => None,
+                (Err(e), _) => Some(format!("KVM is not usable ({e}); using TCG (slow)")),
+                (Ok(()), false) => Some(
+                    "KVM is not usable (the CPU has no vmx/svm flag, so /dev/kvm cannot boot a \
+                     stock kernel); using TCG (slow)"
+                        .to_string(),
+                ),
+            };
+            Ok(match reason {
+                None => AccelChoice {
+                    accel: Accel::Kvm,
+                    fallback_reason: None,
+                },
+                Some(reason) => AccelChoice {
+                    accel: Accel::Tcg,
+                    fallback_reason: Some(reason),
+                },
+            })
+        }
+        Some(other) => Err(format!(
+            "unknown accelerator {other:?} for the qemu driver (use kvm, tcg or auto)"
+        )),
+    }
+}
+
+/// The QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// `-M microvm,acpi=on`: no PCI, no firmware; virtio-mmio devices described by ACPI
+    /// (Debian's kernel finds them only that way). Boots fastest here.
+    #[default]
+    Microvm,
+    /// `-M pc`: SeaBIOS and PCI; for kernels without virtio-mmio support.
+    Pc,
+}
+
+impl Machine {
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.map(str::trim).filter(|s| !s.is_empty()) {
+            None | Some("microvm") => Ok(Self::Microvm),
+            Some("pc") => Ok(Self::Pc),
+            Some(other) => Err(format!(
+                "unknown machine type {other:?} for the qemu driver (use microvm or pc)"
+            )),
+        }
+    }
+
+    /// The name of a virtio device on this machine's transport.
+    fn virtio(self, device: &str) -> String {
+        match self {
+            Self::Microvm => format!("virtio-{device}-device"),
+            Self::Pc => format!("virtio-{device}-pci"),
+        }
+    }
+}
+
+/// Everything besides the [`VmConfig`] that shapes the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuOptions {
+    pub accel: Accel,
+    pub machine: Machine,
+    /// Host TSC frequency; passed as `tsc_early_khz` to a microvm guest under TCG, where the
+    /// kernel has no HPET/PM timer to calibrate against and otherwise hangs now and then.
+    pub tsc_khz: Option<u64>,
+}
+
+/// Files the VM uses, derived from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub agent_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub log_file: PathBuf,
+}
+
+/// The guest port name the agent looks for.
+pub const AGENT_PORT_NAME: &str = "org.runv.agent";
+/// Default guest memory when the config says 0.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// Longest path a unix socket address can hold (sun_path is 108 bytes with the NUL).
+const SUN_PATH_MAX: usize = 107;
+
+impl VmPaths {
+    pub fn new(config: &VmConfig) -> Result<Self, String> {
+        if config.state_dir.as_os_str().is_empty() {
+            return Err("the VM config has no state_dir".into());
+        }
+        let paths = Self {
+            agent_socket: config.state_dir.join("agent.sock"),
+            qmp_socket: config.state_dir.join("qmp.sock"),
+            log_file: config
+                .log_file
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("qemu.log")),
+        };
+        for socket in [&paths.agent_socket, &paths.qmp_socket] {
+            if socket.as_os_str().len() > SUN_PATH_MAX {
+                return Err(format!(
+                    "the socket path {} is longer than {SUN_PATH_MAX} bytes; use a shorter \
+                     state directory (--root)",
+                    socket.display()
+                ));
+            }
+        }
+        Ok(paths)
+    }
+}
+
+/// A path as a QEMU option value: UTF-8, with commas doubled (QEMU's escape in `-opt a=b,c=d`).
+fn opt_path(path: &Path) -> Result<String, String> {
+    let s = path
+        .to_str()
+        .ok_or_else(|| format!("path {} is not UTF-8", path.display()))?;
+    Ok(escape(s))
+}
+
+/// Escapes a value for QEMU's `key=value,key=value` option syntax.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The kernel command line: what the driver needs, then the config's parameters (later ones win
+/// for most parameters, so the user can override).
+pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
+    let mut params = vec![
+        "console=ttyS0".to_string(),
+        // qemu runs with -no-reboot: a guest reboot ends qemu, so the agent reboots to exit.
+        "runv.exit=reboot".to_string(),
+        // A guest panic ends the VM instead of hanging it.
+        "panic=-1".to_string(),
+    ];
+    if let (Accel::Tcg, Machine::Microvm, Some(khz)) =
+        (options.accel, options.machine, options.tsc_khz)
+    {
+        params.push(format!("tsc_early_khz={khz}"));
+    }
+    let extra = config.kernel_params.trim();
+    if !extra.is_empty() {
+        params.push(extra.to_string());
+    }
+    params.join(" ")
+}
+
+/// The arguments for `qemu-system-x86_64` (without the program name).
+pub fn build_args(
+    config: &VmConfig,
+    options: &QemuOptions,
+    paths: &VmPaths,
+) -> Result<Vec<String>, String> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if !config.name.is_empty() {
+        push(&["-name", &escape(&config.name)]);
+    }
+    let machine = match options.machine {
+        Machine::Microvm => "microvm,acpi=on",
+        Machine::Pc => "pc",
+    };
+    push(&["-M", machine]);
+    match options.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    let memory = if config.memory_mib == 0 {
+        DEFAULT_MEMORY_MIB
+    } else {
+        config.memory_mib
+    };
+    let vcpus = config.vcpus.max(1);
+    push(&["-m", &format!("{memory}M"), "-smp", &vcpus.to_string()]);
+
+    if config.kernel.as_os_str().is_empty() {
+        return Err("the VM config has no kernel".into());
+    }
+    // -kernel/-initrd take a plain path, not an option list: no comma escaping.
+    let plain = |p: &Path| {
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+    };
+    push(&["-kernel", &plain(&config.kernel)?]);
+    if let Some(initrd) = &config.initrd {
+        push(&["-initrd", &plain(initrd)?]);
+    }
+    push(&["-append", &kernel_cmdline(config, options)]);
+
+    // Guest console: the first serial port, appended to the console log.
+    if !config.console_log.as_os_str().is_empty() {
+        push(&[
+            "-chardev",
+            &format!(
+                "file,id=console,path={},append=on",
+                opt_path(&config.console_log)?
+            ),
+            "-serial",
+            "chardev:console",
+        ]);
+    }
+
+    // Agent channel.
+    push(&[
+        "-device",
+        &options.machine.virtio("serial"),
+        "-chardev",
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            opt_path(&paths.agent_socket)?
+        ),
+        "-device",
+        &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+    ]);
+
+    // QMP.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            opt_path(&paths.qmp_socket)?
+        ),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+
+    for (i, dir) in config.shared_dirs.iter().enumerate() {
+        if dir.tag.is_empty() {
+            return Err(format!(
+                "shared directory {} has no tag",
+                dir.host_path.display()
+            ));
+        }
+        let ro = if dir.readonly { ",readonly=on" } else { "" };
+        push(&[
+            "-fsdev",
+            &format!(
+                "local,id=fs{i},path={},security_model=none{ro},multidevs=remap",
+                opt_path(&dir.host_path)?
+            ),
+            "-device",
+            &format!(
+                "{},fsdev=fs{i},mount_tag={}",
+                options.machine.virtio("9p"),
+                escape(&dir.tag)
+            ),
+        ]);
+    }
+
+    for (i, disk) in config.block_devices.iter().enumerate() {
+        let ro = if disk.readonly { ",readonly=on" } else { "" };
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=blk{i},format=raw{ro}",
+                opt_path(&disk.host_path)?
+            ),
+            "-device",
+            &format!(
+                "{},drive=blk{i},serial={}",
+                options.machine.virtio("blk"),
+                escape(&disk.id)
+            ),
+        ]);
+    }
+
+    for (i, nic) in config.network_interfaces.iter().enumerate() {
+        if nic.tap.is_empty() {
+            return Err(format!("network interface {i} has no tap device"));
+        }
+        let mut device = format!("{},netdev=net{i}", options.machine.virtio("net"));
+        if !nic.mac.is_empty() {
+            device.push_str(&format!(",mac={}", escape(&nic.mac)));
+        }
+        if nic.mtu > 0 {
+            device.push_str(&format!(",host_mtu={}", nic.mtu));
+        }
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no,vhost=off",
+                escape(&nic.tap)
+            ),
+            "-device",
+            &device,
+        ]);
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runv_api::{BlockDevice, NetInterface, SharedDir};
+
+    fn config() -> VmConfig {
+        VmConfig {
+            version: 1,
+            name: "c1".into(),
+            vcpus: 2,
+            memory_mib: 128,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initrd.img".into()),
+            kernel_params: "quiet".into(),
+            state_dir: "/run/runv/c1".into(),
+            console_log: "/run/runv/c1/console.log".into(),
+            ..Default::default()
+        }
+    }
+
+    fn tcg_microvm() -> QemuOptions {
+        QemuOptions {
+            accel: Accel::Tcg,
+            machine: Machine::Microvm,
+            tsc_khz: Some(2_600_000),
+        }
+    }
+
+    fn args(config: &VmConfig, options: &QemuOptions) -> Vec<String> {
+        build_args(config, options, &VmPaths::new(config).unwrap()).unwrap()
+    }
+
+    /// The value following `flag` each time it occurs.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn microvm_tcg_basics() {
+        let a = args(&config(), &tcg_microvm());
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(a.iter().any(|x| x == flag), "{flag} missing: {a:?}");
+        }
+        assert_eq!(values(&a, "-M"), ["microvm,acpi=on"]);
+        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert_eq!(values(&a, "-m"), ["128M"]);
+        assert_eq!(values(&a, "-smp"), ["2"]);
+        assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(values(&a, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(
+            values(&a, "-append"),
+            ["console=ttyS0 runv.exit=reboot panic=-1 tsc_early_khz=2600000 quiet"]
+        );
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-serial-device"), "{devices:?}");
+        assert!(devices.contains(&"virtserialport,chardev=agent,name=org.runv.agent"));
+        let chardevs = values(&a, "-chardev");
+        assert!(
+            chardevs.contains(&"socket,id=agent,path=/run/runv/c1/agent.sock,server=on,wait=off")
+        );
+        assert!(chardevs.contains(&"socket,id=qmp,path=/run/runv/c1/qmp.sock,server=on,wait=off"));
+        assert!(chardevs.contains(&"file,id=console,path=/run/runv/c1/console.log,append=on"));
+        assert_eq!(values(&a, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(values(&a, "-serial"), ["chardev:console"]);
+    }
+
+    #[test]
+    fn pc_uses_pci_devices_and_no_tsc_hint() {
+        let opts = QemuOptions {
+            machine: Machine::Pc,
+            ..tcg_microvm()
+        };
+        let mut cfg = config();
+        cfg.shared_dirs.push(SharedDir {
+            tag: "rootfs".into(),
+            host_path: "/b/rootfs".into(),
+            readonly: false,
+        });
+        let a = args(&cfg, &opts);
+        assert_eq!(values(&a, "-M"), ["pc"]);
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-serial-pci"), "{devices:?}");
+        assert!(devices.contains(&"virtio-9p-pci,fsdev=fs0,mount_tag=rootfs"));
+        assert!(!values(&a, "-append")[0].contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu_and_no_tsc_hint() {
+        let opts = QemuOptions {
+            accel: Accel::Kvm,
+            ..tcg_microvm()
+        };
+        let a = args(&config(), &opts);
+        assert_eq!(values(&a, "-accel"), ["kvm"]);
+        assert_eq!(values(&a, "-cpu"), ["host"]);
+        assert!(!values(&a, "-append")[0].contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn shared_dirs_ro_and_rw() {
+        let mut cfg = config();
+        cfg.shared_dirs = vec![
+            SharedDir {
+                tag: "rootfs".into(),
+                host_path: "/b/rootfs".into(),
+                readonly: false,
+            },
+            SharedDir {
+                tag: "vol1".into(),
+                host_path: "/data/a,b".into(),
+                readonly: true,
+            },
+        ];
+        let a = args(&cfg, &tcg_microvm());
+        assert_eq!(
+            values(&a, "-fsdev"),
+            [
+                "local,id=fs0,path=/b/rootfs,security_model=none,multidevs=remap",
+                "local,id=fs1,path=/data/a,,b,security_model=none,readonly=on,multidevs=remap",
+            ]
+        );
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
+        assert!(devices.contains(&"virtio-9p-device,fsdev=fs1,mount_tag=vol1"));
+    }
+
+    #[test]
+    fn block_devices_and_taps() {
+        let mut cfg = config();
+        cfg.block_devices.push(BlockDevice {
+            id: "rootfs".into(),
+            host_path: "/dev/mapper/thin-c1".into(),
+            readonly: true,
+        });
+        cfg.network_interfaces.push(NetInterface {
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            mtu: 1400,
+        });
+        let a = args(&cfg, &tcg_microvm());
+        assert_eq!(
+            values(&a, "-drive"),
+            ["file=/dev/mapper/thin-c1,if=none,id=blk0,format=raw,readonly=on"]
+        );
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["tap,id=net0,ifname=tap0,script=no,downscript=no,vhost=off"]
+        );
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-blk-device,drive=blk0,serial=rootfs"));
+        assert!(
+            devices.contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400")
+        );
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let mut cfg = config();
+        cfg.memory_mib = 0;
+        cfg.vcpus = 0;
+        cfg.initrd = None;
+        let a = args(&cfg, &tcg_microvm());
+        assert_eq!(values(&a, "-m"), ["256M"]);
+        assert_eq!(values(&a, "-smp"), ["1"]);
+        assert!(values(&a, "-initrd").is_empty());
+
+        let paths = VmPaths::new(&cfg).unwrap();
+        cfg.kernel = PathBuf::new();
+        assert!(build_args(&cfg, &tcg_microvm(), &paths).is_err());
+
+        let mut long = config();
+        long.state_dir = PathBuf::from(format!("/run/{}", "x".repeat(120)));
+        let err = VmPaths::new(&long).unwrap_err();
+        assert!(err.contains("longer than"), "{err}");
+    }
+
+    #[test]
+    fn log_file_defaults_to_the_state_dir() {
+        let mut cfg = config();
+        assert_eq!(
+            VmPaths::new(&cfg).unwrap().log_file,
+            Path::new("/run/runv/c1/qemu.log")
+        );
+        cfg.log_file = Some("/var/log/x.log".into());
+        assert_eq!(
+            VmPaths::new(&cfg).unwrap().log_file,
+            Path::new("/var/log/x.log")
+        );
+    }
+
+    const CPUINFO_NO_VIRT: &str = "processor\t: 0\ncpu MHz\t\t: 2600.000\n\
+        flags\t\t: fpu vme tsc msr constant_tsc\n";
+    const CPUINFO_SVM: &str = "processor\t: 0\ncpu MHz\t\t: 3000.5\nflags\t\t: fpu svm tsc\n";
+
+    #[test]
+    fn cpuinfo_parsing() {
+        assert!(!cpuinfo_has_virt_flag(CPUINFO_NO_VIRT));
+        assert!(cpuinfo_has_virt_flag(CPUINFO_SVM));
+        assert!(cpuinfo_has_virt_flag("flags : vmx\n"));
+        // "svm" must be a whole flag, not part of another.
+        assert!(!cpuinfo_has_virt_flag("flags : nosvmx\n"));
+        assert_eq!(cpu_mhz_khz(CPUINFO_NO_VIRT), Some(2_600_000));
+        assert_eq!(cpu_mhz_khz(CPUINFO_SVM), Some(3_000_500));
+        assert_eq!(cpu_mhz_khz("flags : x\n"), None);
+    }
+
+    fn host(flag: bool, kvm: bool) -> HostFacts {
+        HostFacts {
+            hw_virt_flag: flag,
+            kvm_device: if kvm {
+                Ok(())
+            } else {
+                Err("/dev/kvm: No such file or directory".into())
+            },
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn accel_from_host_facts() {
+        let c = choose_accel(None, &host(true, true)).unwrap();
+        assert_eq!(c.accel, Accel::Kvm);
+        assert_eq!(c.fallback_reason, None);
+
+        // /dev/kvm opens but the CPU has no vmx/svm (kvm_pvm): TCG, with a reason.
+        let c = choose_accel(None, &host(false, true)).unwrap();
+        assert_eq!(c.accel, Accel::Tcg);
+        assert!(c.fallback_reason.unwrap().contains("vmx/svm"));
+
+        let c = choose_accel(Some("auto"), &host(true, false)).unwrap();
+        assert_eq!(c.accel, Accel::Tcg);
+        assert!(c.fallback_reason.unwrap().contains("No such file"));
+    }
+
+    #[test]
+    fn accel_from_parameters_wins() {
+        let c = choose_accel(Some("tcg"), &host(true, true)).unwrap();
+        assert_eq!(c.accel, Accel::Tcg);
+        assert_eq!(c.fallback_reason, None);
+        let c = choose_accel(Some("kvm"), &host(false, false)).unwrap();
+        assert_eq!(c.accel, Accel::Kvm);
+        assert!(choose_accel(Some("hvf"), &host(true, true)).is_err());
+    }
+
+    #[test]
+    fn machine_parsing() {
+        assert_eq!(Machine::parse(None).unwrap(), Machine::Microvm);
+        assert_eq!(Machine::parse(Some("pc")).unwrap(), Machine::Pc);
+        assert!(Machine::parse(Some("q35")).is_err());
+    }
+}
