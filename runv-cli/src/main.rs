@@ -1,18 +1,31 @@
 //! `runv`: a runc-compatible OCI runtime that runs each container in its own VM.
 
+mod bundle;
 mod cli;
 mod commands;
+mod console;
+mod container_id;
+mod control;
+mod hooks;
 mod logging;
+mod monitor;
 mod plugins;
+mod signals;
+mod state;
+mod stats;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use cli::{Cli, Command};
-use plugins::Registry;
 
 fn main() -> ExitCode {
+    // The monitor is started by `create` as `runv __monitor DIR`; it is not a user command.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && args[1] == "__monitor" {
+        return monitor::main(std::path::Path::new(&args[2]));
+    }
     let cli = Cli::parse();
     if cli.version {
         commands::version::print();
@@ -46,35 +59,72 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use commands::create::CreateArgs;
+    use commands::lifecycle::{self, RunArgs};
+    use commands::query;
+    use liboci_cli::{CommonCmd, StandardCmd};
+
     let Some(command) = cli.command else {
         anyhow::bail!("no command given; see `runv --help`");
     };
-    let load = || Registry::load(plugins::search_dirs(&cli.runv.driver_dirs));
+    let ctx = commands::context::Ctx {
+        store: state::Store::new(cli.global.root.as_deref()),
+        opts: cli.runv.clone(),
+        log: cli.global.log.clone(),
+        log_format: cli.global.log_format.clone(),
+        debug: cli.global.debug,
+    };
     match command {
         Command::Drivers(args) => commands::drivers::run(
-            &load(),
+            &ctx.registry(),
             &args.format,
             cli.runv.driver.as_deref(),
             cli.runv.storage.as_deref(),
         )?,
-        Command::Common(cmd) => match *cmd {
-            liboci_cli::CommonCmd::Features(_) => commands::features::run(&load())?,
-            other => anyhow::bail!(
-                "{} is not available yet",
-                command_name(&format!("{other:?}"))
-            ),
+        Command::Standard(cmd) => match *cmd {
+            StandardCmd::Create(a) => commands::create::run(
+                &ctx,
+                &CreateArgs {
+                    id: &a.container_id,
+                    bundle: &a.bundle,
+                    console_socket: a.console_socket.as_deref(),
+                    pid_file: a.pid_file.as_deref(),
+                },
+            )?,
+            StandardCmd::Start(a) => lifecycle::start(&ctx, &a.container_id)?,
+            StandardCmd::State(a) => query::state(&ctx, &a.container_id)?,
+            StandardCmd::Kill(a) => lifecycle::kill(&ctx, &a.container_id, &a.signal, a.all)?,
+            StandardCmd::Delete(a) => lifecycle::delete(&ctx, &a.container_id, a.force)?,
         },
-        Command::Standard(cmd) => {
-            anyhow::bail!("{} is not available yet", command_name(&format!("{cmd:?}")))
-        }
+        Command::Common(cmd) => match *cmd {
+            CommonCmd::Features(_) => commands::features::run(&ctx.registry())?,
+            CommonCmd::Run(a) => {
+                return lifecycle::run(
+                    &ctx,
+                    &RunArgs {
+                        create: CreateArgs {
+                            id: &a.container_id,
+                            bundle: &a.bundle,
+                            console_socket: a.console_socket.as_deref(),
+                            pid_file: a.pid_file.as_deref(),
+                        },
+                        detach: a.detach,
+                        keep: a.keep,
+                    },
+                );
+            }
+            CommonCmd::Exec(a) => return commands::exec::run(&ctx, &a),
+            CommonCmd::List(a) => query::list(&ctx, &a.format, a.quiet)?,
+            CommonCmd::Ps(a) => query::ps(&ctx, &a.container_id, &a.format)?,
+            CommonCmd::Pause(a) => lifecycle::pause(&ctx, &a.container_id, true)?,
+            CommonCmd::Resume(a) => lifecycle::pause(&ctx, &a.container_id, false)?,
+            CommonCmd::Events(a) => query::events(&ctx, &a.container_id, a.stats, a.interval)?,
+            CommonCmd::Update(a) => query::update(&ctx, &a)?,
+            CommonCmd::Spec(a) => query::spec(a.bundle.as_deref())?,
+            CommonCmd::Checkpointt(_) => {
+                anyhow::bail!("checkpoint is not supported by runv")
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn command_name(debug: &str) -> String {
-    debug
-        .split(['(', ' ', '{'])
-        .next()
-        .unwrap_or("command")
-        .to_lowercase()
 }

@@ -1,3 +1,9 @@
+pub mod console_relay;
+pub mod context;
+pub mod create;
 pub mod drivers;
+pub mod exec;
 pub mod features;
+pub mod lifecycle;
+pub mod query;
 pub mod version;

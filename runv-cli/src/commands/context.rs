@@ -1,0 +1,21 @@
+//! What every lifecycle command needs: the state store and the global flags.
+
+use std::path::PathBuf;
+
+use crate::cli::RunvOpts;
+use crate::plugins::{self, Registry};
+use crate::state::Store;
+
+pub struct Ctx {
+    pub store: Store,
+    pub opts: RunvOpts,
+    pub log: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub debug: bool,
+}
+
+impl Ctx {
+    pub fn registry(&self) -> Registry {
+        Registry::load(plugins::search_dirs(&self.opts.driver_dirs))
+    }
+}

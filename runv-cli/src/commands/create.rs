@@ -1,0 +1,208 @@
+//! `runv create`: checks everything it can, then starts the container's monitor and waits
+//! until the VM is up and the container created in it (its init blocked until `start`).
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::context::Ctx;
+use crate::bundle::{self, Bundle};
+use crate::container_id;
+use crate::monitor::{self, MonitorConfig};
+use crate::state::{ContainerState, RunvDetails, Status};
+
+pub struct CreateArgs<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub console_socket: Option<&'a Path>,
+    pub pid_file: Option<&'a Path>,
+}
+
+pub const ENV_AGENT_TIMEOUT: &str = "RUNV_AGENT_TIMEOUT";
+const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60;
+
+pub fn run(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<()> {
+    let child = create(ctx, args)?;
+    // The monitor outlives us; it is reaped by whoever adopts it (the engine's shim).
+    drop(child);
+    Ok(())
+}
+
+/// Creates the container and returns its monitor process.
+pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
+    container_id::validate(args.id)?;
+    let bundle = Bundle::load(args.bundle)?;
+    if bundle.terminal && args.console_socket.is_none() {
+        bail!("the spec has process.terminal set, so --console-socket is required");
+    }
+    let registry = ctx.registry();
+    let hypervisor = registry.choose_hypervisor(ctx.opts.driver.as_deref())?;
+    let storage = registry.choose_storage(ctx.opts.storage.as_deref())?;
+    let info = hypervisor.client.info();
+    let vm = bundle.vm_section();
+    let (kernel, initrd) = bundle::guest_files(&ctx.opts, &vm)?;
+    let (vcpus, memory_mib) = bundle.vm_size();
+
+    let mut parameters = vm.hypervisor_params.clone();
+    if let Some(accel) = &ctx.opts.accel {
+        if accel != "kvm" && accel != "tcg" {
+            bail!("invalid --accel {accel:?}: want kvm or tcg");
+        }
+        parameters.insert("accel".into(), accel.clone());
+    }
+    if let Some(path) = &vm.hypervisor_path {
+        parameters.insert(info.name.to_string(), path.display().to_string());
+    }
+    let mut kernel_params = vm.kernel_params.clone();
+    if ctx.debug {
+        kernel_params.push_str(" runv.log=debug");
+    }
+    let agent_timeout_secs = std::env::var(ENV_AGENT_TIMEOUT)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS);
+
+    let dir = ctx.store.create_dir(args.id)?;
+    let result = (|| {
+        let state = ContainerState {
+            oci_version: bundle.oci_version(),
+            id: args.id.to_string(),
+            status: Status::Creating,
+            pid: 0,
+            bundle: bundle.dir.display().to_string(),
+            annotations: bundle.annotations(),
+            created: crate::logging::rfc3339_now(),
+            owner: "root".into(),
+            runv: RunvDetails {
+                driver: info.name.to_string(),
+                driver_file: hypervisor.file.display().to_string(),
+                storage: storage.map(|s| s.client.info().name.to_string()),
+                rootfs: bundle.rootfs.display().to_string(),
+                ..RunvDetails::default()
+            },
+        };
+        ctx.store.save(&state)?;
+        let config = MonitorConfig {
+            id: args.id.to_string(),
+            root: ctx.store.root().to_path_buf(),
+            bundle: bundle.dir.clone(),
+            console_socket: args.console_socket.map(absolute).transpose()?,
+            driver_dirs: ctx
+                .opts
+                .driver_dirs
+                .iter()
+                .map(|d| absolute(d))
+                .collect::<Result<_, _>>()?,
+            driver: info.name.to_string(),
+            storage: ctx.opts.storage.clone(),
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            kernel_params,
+            parameters,
+            vcpus,
+            memory_mib,
+            netns: bundle.netns_path(),
+            log: ctx.log.as_deref().map(absolute).transpose()?,
+            log_format: ctx.log_format.clone(),
+            debug: ctx.debug,
+            agent_timeout_secs,
+        };
+        config.save(&dir)?;
+        let child = spawn_monitor(&dir, Duration::from_secs(agent_timeout_secs + 60))?;
+        if let Some(pid_file) = args.pid_file {
+            write_pid_file(pid_file, child.id())?;
+        }
+        Ok(child)
+    })();
+    if result.is_err() {
+        let _ = ctx.store.remove(args.id);
+    }
+    result
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let path = absolute(path)?;
+    let tmp = path.with_extension("runv-tmp");
+    fs::write(&tmp, pid.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("writing pid file {}", path.display()))
+}
+
+/// Starts `runv __monitor DIR` with our stdio and waits until it reports ready or failed.
+fn spawn_monitor(dir: &Path, timeout: Duration) -> anyhow::Result<Child> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg("__monitor").arg(dir);
+    let ready_raw = ready_w.as_raw_fd();
+    // SAFETY: the closure only calls async-signal-safe functions (setsid, dup2, fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if ready_raw == monitor::READY_FD {
+                let flags = fcntl(ready_raw, FcntlArg::F_GETFD)?;
+                let flags = FdFlag::from_bits_truncate(flags) - FdFlag::FD_CLOEXEC;
+                fcntl(ready_raw, FcntlArg::F_SETFD(flags))?;
+            } else if nix::libc::dup2(ready_raw, monitor::READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the container monitor")?;
+    drop(ready_w);
+    match read_ready(ready_r, timeout) {
+        Ok(message) if message == "ok" => Ok(child),
+        Ok(message) => {
+            let _ = child.wait();
+            let reason = message.strip_prefix("error ").unwrap_or(&message);
+            if reason.is_empty() {
+                bail!(
+                    "the container monitor exited during setup (see {})",
+                    dir.join("monitor.log").display()
+                );
+            }
+            bail!("{reason}")
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+fn read_ready(fd: OwnedFd, timeout: Duration) -> anyhow::Result<String> {
+    let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let n = poll(
+        &mut pfd,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    )
+    .context("waiting for the monitor")?;
+    if n == 0 {
+        bail!(
+            "the container monitor did not get ready within {}s",
+            timeout.as_secs()
+        );
+    }
+    let mut message = String::new();
+    fs::File::from(fd)
+        .read_to_string(&mut message)
+        .context("reading the monitor's report")?;
+    Ok(message.trim().to_string())
+}

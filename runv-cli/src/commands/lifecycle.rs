@@ -1,0 +1,192 @@
+//! `start`, `run`, `delete`, `kill`, `pause`, `resume`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::context::Ctx;
+use super::create::{self, CreateArgs};
+use crate::control::{self, Request};
+use crate::hooks::{self, Point};
+use crate::state::{ContainerState, Status, process_alive};
+use crate::{monitor, signals};
+
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn load_live(ctx: &Ctx, id: &str) -> anyhow::Result<(ContainerState, Status)> {
+    let state = ctx.store.load(id)?;
+    let status = state.effective_status();
+    Ok((state, status))
+}
+
+pub fn start(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let _lock = ctx.store.lock(id)?;
+    let (_, status) = load_live(ctx, id)?;
+    match status {
+        Status::Created => {}
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+        Status::Running | Status::Paused => bail!("cannot start an already running container"),
+        Status::Creating => bail!("cannot start a container that is still being created"),
+    }
+    control::call(&ctx.store.dir(id), &Request::Start, CONTROL_TIMEOUT)?;
+    Ok(())
+}
+
+pub struct RunArgs<'a> {
+    pub create: CreateArgs<'a>,
+    pub detach: bool,
+    pub keep: bool,
+}
+
+pub fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let id = args.create.id;
+    let mut receiver = None;
+    let mut create_args = CreateArgs { ..args.create };
+    let console_path;
+    if !args.detach
+        && args.create.console_socket.is_none()
+        && crate::bundle::Bundle::load(args.create.bundle)?.terminal
+    {
+        // Foreground with a terminal: be our own console socket and relay our stdio.
+        let r = super::console_relay::Receiver::bind()?;
+        console_path = r.path().to_path_buf();
+        create_args.console_socket = Some(&console_path);
+        receiver = Some(r);
+    }
+    let mut child = create::create(ctx, &create_args)?;
+    let relay = match receiver {
+        Some(r) => Some(r.accept_and_relay()?),
+        None => None,
+    };
+    if let Err(e) = start(ctx, id) {
+        let _ = destroy(ctx, id);
+        let _ = child.wait();
+        let _ = delete_stopped(ctx, id);
+        return Err(e);
+    }
+    if args.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait().context("waiting for the container")?;
+    drop(relay);
+    let code = status.code().unwrap_or(1);
+    if !args.keep {
+        delete_stopped(ctx, id)?;
+    }
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+pub fn kill(ctx: &Ctx, id: &str, signal: &str, all: bool) -> anyhow::Result<()> {
+    let signal = signals::parse(signal)?;
+    let (_, status) = load_live(ctx, id)?;
+    if matches!(status, Status::Stopped | Status::Creating) {
+        bail!("container {id} is not running");
+    }
+    control::call(
+        &ctx.store.dir(id),
+        &Request::Kill { signal, all },
+        CONTROL_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+pub fn pause(ctx: &Ctx, id: &str, pause: bool) -> anyhow::Result<()> {
+    let _lock = ctx.store.lock(id)?;
+    let (_, status) = load_live(ctx, id)?;
+    match (pause, status) {
+        (true, Status::Running | Status::Created) | (false, Status::Paused) => {}
+        (true, Status::Paused) => bail!("container {id} is already paused"),
+        (false, Status::Running | Status::Created) => bail!("container {id} is not paused"),
+        _ => bail!("container {id} is not running"),
+    }
+    let request = if pause {
+        Request::Pause
+    } else {
+        Request::Resume
+    };
+    control::call(&ctx.store.dir(id), &request, CONTROL_TIMEOUT)?;
+    Ok(())
+}
+
+pub fn delete(ctx: &Ctx, id: &str, force: bool) -> anyhow::Result<()> {
+    let (state, status) = match load_live(ctx, id) {
+        Ok(s) => s,
+        Err(e) if force && !ctx.store.dir(id).exists() => {
+            // runc: delete --force of a missing container succeeds.
+            tracing::debug!("{e:#}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    match status {
+        Status::Stopped => {}
+        Status::Created => destroy(ctx, id)?,
+        Status::Running | Status::Paused | Status::Creating if force => destroy(ctx, id)?,
+        other => bail!(
+            "cannot delete container {id} that is not stopped: {}",
+            other.as_str()
+        ),
+    }
+    let _ = state;
+    delete_stopped(ctx, id)
+}
+
+/// Ends the VM of a live container and waits for its monitor to exit.
+fn destroy(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let state = ctx.store.load(id)?;
+    let dir = ctx.store.dir(id);
+    if let Err(e) = control::call(&dir, &Request::Destroy, Duration::from_secs(10)) {
+        tracing::debug!("asking the monitor to stop: {e:#}");
+    }
+    if state.pid > 0 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(state.pid, state.runv.monitor_start_time) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if process_alive(state.pid, state.runv.monitor_start_time) {
+            let pid = nix::unistd::Pid::from_raw(state.pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while process_alive(state.pid, state.runv.monitor_start_time)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // A VMM whose monitor was killed dies with it (PDEATHSIG); make sure of it.
+    for pid in &state.runv.vm_pids {
+        let pid = nix::unistd::Pid::from_raw(*pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    Ok(())
+}
+
+/// Cleans up a stopped container: storage, poststop hooks, state.
+fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let state = ctx.store.load(id)?;
+    let dir = ctx.store.dir(id);
+    if let Some(name) = &state.runv.storage {
+        // The request the monitor prepared with; absent if it never got that far.
+        if let Some(request) = monitor::load_storage_request(&dir)? {
+            let registry = ctx.registry();
+            let storage = registry.storage(name).with_context(|| {
+                format!("storage driver {name} is not found; cannot clean up container {id}")
+            })?;
+            storage
+                .client
+                .cleanup(&request)
+                .map_err(|e| anyhow::anyhow!("storage driver {name}: cleanup: {e}"))?;
+        }
+    }
+    if let Ok(bundle) = crate::bundle::Bundle::load(Path::new(&state.bundle)) {
+        let mut oci = state.to_oci_json();
+        oci["status"] = "stopped".into();
+        if let Err(e) = hooks::run(&bundle.spec, Point::Poststop, &oci) {
+            tracing::warn!("{e:#}");
+        }
+    }
+    ctx.store.remove(id)
+}

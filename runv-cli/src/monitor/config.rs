@@ -1,0 +1,46 @@
+//! What `create` tells the monitor it starts (written to `<state dir>/monitor.json`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+pub const FILE: &str = "monitor.json";
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct MonitorConfig {
+    pub id: String,
+    pub root: PathBuf,
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub driver_dirs: Vec<PathBuf>,
+    pub driver: String,
+    pub storage: Option<String>,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_params: String,
+    pub parameters: BTreeMap<String, String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub netns: Option<PathBuf>,
+    pub log: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub debug: bool,
+    /// How long the guest agent may take to answer after the VM started.
+    pub agent_timeout_secs: u64,
+}
+
+impl MonitorConfig {
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(FILE);
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}

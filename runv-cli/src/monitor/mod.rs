@@ -1,0 +1,430 @@
+//! The monitor: one long-lived host process per container (started by `create` as
+//! `runv __monitor DIR`). Its PID stands for the container; it holds the VM, the agent
+//! connection and the stdio relay, serves the control socket, and exits with the container's
+//! exit status.
+
+pub mod config;
+mod server;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use runv_api::{PreparedRootfs, RootfsSource, SharedDir, StorageRequest, VmClient, VmConfig};
+use runv_proto::client::AgentClient;
+use runv_proto::{Event, ExitStatus, Request, ResponseBody, Rootfs};
+
+use crate::bundle::Bundle;
+use crate::hooks::{self, Point};
+use crate::plugins::{self, Registry};
+use crate::state::{Status, Store};
+pub use config::MonitorConfig;
+
+/// The fd on which the monitor reports to `create` that it is ready (or why it failed).
+pub const READY_FD: i32 = 3;
+
+/// Tag of the rootfs share in the guest.
+const ROOTFS_TAG: &str = "rootfs";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Monitor {
+    pub id: String,
+    pub dir: PathBuf,
+    pub store: Store,
+    pub spec: serde_json::Value,
+    pub vm: Arc<VmClient>,
+    pub client: AgentClient,
+    /// Exec'd processes waiting for their exit: exec id → where to send the status.
+    pub execs: Mutex<HashMap<String, std::sync::mpsc::Sender<ExitStatus>>>,
+    pub relay: Mutex<Option<stdio::Relay>>,
+}
+
+/// Entry point of `runv __monitor DIR`.
+pub fn main(dir: &Path) -> ExitCode {
+    // SAFETY: create passes the write end of its readiness pipe as fd 3; nothing else owns it.
+    let ready = File::from(unsafe { OwnedFd::from_raw_fd(READY_FD) });
+    // The VMM we start must not inherit it, or create would wait for the VM to end.
+    let _ = nix::fcntl::fcntl(
+        READY_FD,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let mut ready = Some(ready);
+    let mut report = |message: &str| {
+        if let Some(mut f) = ready.take() {
+            let _ = f.write_all(message.as_bytes());
+        }
+    };
+    let config = match MonitorConfig::load(dir) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&format!("error {e:#}"));
+            return ExitCode::from(1);
+        }
+    };
+    let _ = init_logging(&config, dir);
+    let registry = Registry::load(plugins::search_dirs(&config.driver_dirs));
+    let mut cleanup = Cleanup::default();
+    match setup(&config, dir, &registry, &mut cleanup) {
+        Ok(monitor) => {
+            report("ok");
+            let code = serve(Arc::new(monitor));
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            tracing::error!("{message}");
+            cleanup.run(&registry);
+            report(&format!("error {message}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(config: &MonitorConfig, dir: &Path) -> anyhow::Result<()> {
+    // The monitor's stderr is the container's: its logs go to the --log file or the state dir.
+    let log = config
+        .log
+        .clone()
+        .unwrap_or_else(|| dir.join("monitor.log"));
+    let format = crate::logging::Format::parse(config.log_format.as_deref())?;
+    crate::logging::init(Some(&log), format, config.debug)?;
+    Ok(())
+}
+
+/// What to undo when setting up fails half way.
+#[derive(Default)]
+struct Cleanup {
+    vm: Option<Arc<VmClient>>,
+    storage: Option<(String, StorageRequest)>,
+}
+
+impl Cleanup {
+    fn run(&mut self, registry: &Registry) {
+        if let Some(vm) = self.vm.take() {
+            let _ = vm.stop(Duration::from_millis(100));
+            let _ = vm.wait();
+        }
+        if let Some((name, request)) = self.storage.take() {
+            if let Some(s) = registry.storage(&name) {
+                if let Err(e) = s.client.cleanup(&request) {
+                    tracing::warn!("storage cleanup: {e}");
+                }
+            }
+        }
+    }
+}
+
+const STORAGE_REQUEST: &str = "storage.json";
+
+/// The storage request a monitor prepared the rootfs with, if it got that far.
+pub fn load_storage_request(dir: &Path) -> anyhow::Result<Option<StorageRequest>> {
+    match std::fs::read(dir.join(STORAGE_REQUEST)) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).context("parsing the recorded storage request")?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("reading the recorded storage request"),
+    }
+}
+
+pub fn storage_request(id: &str, dir: &Path, bundle: &Bundle) -> StorageRequest {
+    StorageRequest {
+        version: 1,
+        container_id: id.to_string(),
+        rootfs: bundle.rootfs.clone(),
+        readonly: bundle.rootfs_readonly,
+        state_dir: dir.join("storage"),
+        options: Default::default(),
+    }
+}
+
+fn setup(
+    config: &MonitorConfig,
+    dir: &Path,
+    registry: &Registry,
+    cleanup: &mut Cleanup,
+) -> anyhow::Result<Monitor> {
+    tracing::debug!(phase = "monitor-up", "monitor started for {}", config.id);
+    if let Some(netns) = &config.netns {
+        join_netns(netns)?;
+    }
+    let store = Store::new(Some(&config.root));
+    let bundle = Bundle::load(&config.bundle)?;
+    let hypervisor = registry.choose_hypervisor(Some(&config.driver))?;
+
+    let prepared = match &config.storage {
+        Some(name) => {
+            let storage = registry
+                .choose_storage(Some(name))?
+                .context("storage driver vanished")?;
+            let request = storage_request(&config.id, dir, &bundle);
+            std::fs::create_dir_all(&request.state_dir)?;
+            std::fs::write(dir.join(STORAGE_REQUEST), serde_json::to_vec(&request)?)?;
+            let prepared = storage
+                .client
+                .prepare(&request)
+                .map_err(|e| anyhow::anyhow!("storage driver {name}: preparing the rootfs: {e}"));
+            cleanup.storage = Some((name.clone(), request));
+            prepared?
+        }
+        None => PreparedRootfs {
+            source: RootfsSource::SharedDir {
+                path: bundle.rootfs.clone(),
+            },
+            readonly: bundle.rootfs_readonly,
+        },
+    };
+
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir)?;
+    let mut vm_config = VmConfig {
+        version: runv_api::VM_CONFIG_VERSION,
+        name: config.id.clone(),
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: Some(config.initrd.clone()),
+        kernel_params: config.kernel_params.clone(),
+        state_dir: vm_dir,
+        console_log: dir.join("console.log"),
+        log_file: Some(dir.join("hypervisor.log")),
+        parameters: config.parameters.clone(),
+        ..VmConfig::default()
+    };
+    let rootfs = match &prepared.source {
+        RootfsSource::SharedDir { path } => {
+            vm_config.shared_dirs.push(SharedDir {
+                tag: ROOTFS_TAG.into(),
+                host_path: path.clone(),
+                readonly: prepared.readonly,
+            });
+            runv_proto::RootfsSource::Share {
+                tag: ROOTFS_TAG.into(),
+            }
+        }
+        RootfsSource::Block { path, fs_type } => {
+            vm_config.block_devices.push(runv_api::BlockDevice {
+                id: ROOTFS_TAG.into(),
+                host_path: path.clone(),
+                readonly: prepared.readonly,
+            });
+            runv_proto::RootfsSource::Block {
+                serial: ROOTFS_TAG.into(),
+                fs_type: fs_type.clone(),
+            }
+        }
+    };
+
+    let vm = Arc::new(
+        hypervisor
+            .client
+            .start_vm(&vm_config)
+            .map_err(|e| anyhow::anyhow!("starting the VM with driver {}: {e}", config.driver))?,
+    );
+    cleanup.vm = Some(vm.clone());
+    tracing::debug!(phase = "vmm-up", "VM started, pids {:?}", vm.pids());
+    let channel = vm
+        .take_agent_channel()
+        .map_err(|e| anyhow::anyhow!("agent channel: {e}"))?;
+    let client = AgentClient::connect(channel, Duration::from_secs(config.agent_timeout_secs))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (guest console log: {})",
+                vm_config.console_log.display()
+            )
+        })?;
+    tracing::debug!(
+        phase = "agent-ready",
+        "agent {} answered",
+        client.agent_version()
+    );
+    client.request(
+        Request::SetPowerOffWhenIdle { enabled: true },
+        REQUEST_TIMEOUT,
+    )?;
+
+    let host = container_stdio(config, &bundle)?;
+    let ids = stdio::allocate(bundle.terminal, true);
+    let id = config.id.clone();
+    let relay = stdio::start(&client, ids, host, move |rows, cols| Request::WindowSize {
+        container_id: id.clone(),
+        exec_id: None,
+        rows,
+        cols,
+    })?;
+    let answer = client.request(
+        Request::CreateContainer {
+            id: config.id.clone(),
+            spec: bundle.spec.clone(),
+            rootfs: Rootfs {
+                source: rootfs,
+                readonly: prepared.readonly,
+            },
+            stdio: ids,
+            hostname: bundle.hostname(),
+            hosts: None,
+            resolv_conf: None,
+        },
+        REQUEST_TIMEOUT,
+    )?;
+    if let ResponseBody::Process { pid } = answer {
+        tracing::debug!(
+            phase = "container-created",
+            "container init is guest pid {pid}"
+        );
+    }
+
+    let rootfs_path = match &prepared.source {
+        RootfsSource::SharedDir { path } | RootfsSource::Block { path, .. } => path.clone(),
+    };
+    let state = store.update(&config.id, |s| {
+        s.status = Status::Created;
+        s.pid = std::process::id() as i32;
+        s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
+        s.runv.vm_pids = vm.pids();
+        s.runv.rootfs = rootfs_path.display().to_string();
+        s.runv.console_log = vm.console_log().display().to_string();
+    })?;
+    let oci_state = state.to_oci_json();
+    for point in [
+        Point::Prestart,
+        Point::CreateRuntime,
+        Point::CreateContainer,
+    ] {
+        hooks::run(&bundle.spec, point, &oci_state)?;
+    }
+    // From here on, the monitor stops the VM and `delete` cleans the storage up.
+    cleanup.storage = None;
+    cleanup.vm = None;
+    Ok(Monitor {
+        id: config.id.clone(),
+        dir: dir.to_path_buf(),
+        store,
+        spec: bundle.spec,
+        vm,
+        client,
+        execs: Mutex::new(HashMap::new()),
+        relay: Mutex::new(Some(relay)),
+    })
+}
+
+fn join_netns(path: &Path) -> anyhow::Result<()> {
+    let f = File::open(path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("joining network namespace {}", path.display()))
+}
+
+/// The container's stdio: a pty sent to the console socket, or what create was given.
+fn container_stdio(config: &MonitorConfig, bundle: &Bundle) -> anyhow::Result<stdio::HostStdio> {
+    if bundle.terminal {
+        let socket = config
+            .console_socket
+            .as_ref()
+            .context("the spec asks for a terminal but no --console-socket was given")?;
+        let pty = crate::console::open()?;
+        crate::console::send_master(socket, &pty)?;
+        return Ok(stdio::HostStdio::Tty(pty.slave));
+    }
+    let dup = |fd: i32| -> anyhow::Result<OwnedFd> {
+        // SAFETY: 0, 1 and 2 are open for the life of the process; we only borrow to dup.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        Ok(borrowed.try_clone_to_owned()?)
+    };
+    Ok(stdio::HostStdio::Plain {
+        stdin: Some(dup(0)?),
+        stdout: dup(1)?,
+        stderr: dup(2)?,
+    })
+}
+
+/// Serves the control socket and waits for the container's init to exit. Returns its status.
+fn serve(monitor: Arc<Monitor>) -> i32 {
+    let events = monitor.client.subscribe();
+    if let Err(e) = server::spawn(monitor.clone()) {
+        tracing::error!("control socket: {e:#}");
+    }
+    let status = loop {
+        match events.recv_timeout(Duration::from_millis(500)) {
+            Ok(Event::ProcessExited {
+                container_id,
+                exec_id,
+                status,
+            }) if container_id == monitor.id => match exec_id {
+                None => break status.code(),
+                Some(exec_id) => {
+                    if let Some(tx) = monitor
+                        .execs
+                        .lock()
+                        .ok()
+                        .and_then(|mut m| m.remove(&exec_id))
+                    {
+                        let _ = tx.send(status);
+                    }
+                }
+            },
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(reason) = monitor.client.disconnected() {
+                    tracing::warn!("the VM ended before the container: {reason}");
+                    break ExitStatus::Signaled(9).code();
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break ExitStatus::Signaled(9).code();
+            }
+        }
+    };
+    tracing::debug!(
+        phase = "container-exited",
+        "container exited with status {status}"
+    );
+    if let Some(relay) = monitor.relay.lock().ok().and_then(|mut r| r.take()) {
+        relay.wait_output(Duration::from_secs(2));
+    }
+    if let Err(e) = monitor.store.update(&monitor.id, |s| {
+        s.status = Status::Stopped;
+        s.runv.exit_status = Some(status);
+    }) {
+        tracing::warn!("recording the exit: {e:#}");
+    }
+    shutdown_vm(&monitor);
+    tracing::debug!(phase = "vm-stopped", "VM stopped");
+    let _ = std::fs::remove_file(monitor.dir.join(crate::state::CONTROL_SOCKET));
+    status
+}
+
+fn shutdown_vm(monitor: &Monitor) {
+    if monitor.client.disconnected().is_none() {
+        let _ = monitor
+            .client
+            .request(Request::Shutdown, Duration::from_secs(2));
+    }
+    monitor.client.close();
+    if let Err(e) = monitor.vm.stop(Duration::from_secs(5)) {
+        tracing::warn!("stopping the VM: {e}");
+    }
+    match monitor.vm.wait() {
+        Ok(exit) => tracing::debug!("VM ended: {}", exit.description),
+        Err(e) => tracing::warn!("waiting for the VM: {e}"),
+    }
+}
+
+/// Runs `f` unless the container is in one of `allowed` states.
+pub fn require_status(monitor: &Monitor, allowed: &[Status], what: &str) -> anyhow::Result<()> {
+    let state = monitor.store.load(&monitor.id)?;
+    if !allowed.contains(&state.status) {
+        bail!(
+            "cannot {what} a container that is {}",
+            state.status.as_str()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The control socket: `start`, `kill`, `pause`, `resume`, `ps`, `exec`, stats and destroy.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use runv_proto::{Request as AgentRequest, ResponseBody};
+
+use super::stdio::{self, HostStdio};
+use super::{Monitor, REQUEST_TIMEOUT, require_status};
+use crate::control::{self, Reply, Request};
+use crate::hooks::{self, Point};
+use crate::state::{CONTROL_SOCKET, Status};
+
+pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
+    let path = monitor.dir.join(CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let monitor = monitor.clone();
+            thread::spawn(move || handle(&monitor, stream));
+        }
+    });
+    Ok(())
+}
+
+fn handle(monitor: &Monitor, stream: UnixStream) {
+    let (request, fds) = match control::receive(&stream) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = control::reply(&stream, &Reply::err(format!("{e:#}"), None));
+            return;
+        }
+    };
+    tracing::debug!("control request: {request:?}");
+    let result = match request {
+        Request::Exec { process, tty } => return exec(monitor, &stream, process, tty, fds),
+        Request::Start => start(monitor),
+        Request::Kill { signal, all } => kill(monitor, signal, all),
+        Request::Pause => pause(monitor, true),
+        Request::Resume => pause(monitor, false),
+        Request::Ps => ps(monitor),
+        Request::Stats => stats(monitor),
+        Request::Destroy => destroy(monitor),
+    };
+    let reply = match result {
+        Ok(data) => Reply::ok(data),
+        Err(e) => Reply::err(format!("{e:#}"), None),
+    };
+    let _ = control::reply(&stream, &reply);
+}
+
+fn agent(monitor: &Monitor, request: AgentRequest) -> anyhow::Result<ResponseBody> {
+    Ok(monitor.client.request(request, REQUEST_TIMEOUT)?)
+}
+
+fn start(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
+    require_status(monitor, &[Status::Created], "start")?;
+    let state = monitor.store.load(&monitor.id)?;
+    hooks::run(&monitor.spec, Point::StartContainer, &state.to_oci_json())?;
+    agent(
+        monitor,
+        AgentRequest::StartContainer {
+            id: monitor.id.clone(),
+        },
+    )?;
+    tracing::debug!(phase = "container-started", "container started");
+    let state = monitor
+        .store
+        .update(&monitor.id, |s| s.status = Status::Running)?;
+    if let Err(e) = hooks::run(&monitor.spec, Point::Poststart, &state.to_oci_json()) {
+        // runc: a failing poststart hook is logged, the container keeps running.
+        tracing::warn!("{e:#}");
+    }
+    Ok(json!({}))
+}
+
+fn kill(monitor: &Monitor, signal: i32, all: bool) -> anyhow::Result<serde_json::Value> {
+    agent(
+        monitor,
+        AgentRequest::Signal {
+            container_id: monitor.id.clone(),
+            exec_id: None,
+            signal,
+            all,
+        },
+    )?;
+    Ok(json!({}))
+}
+
+fn pause(monitor: &Monitor, pause: bool) -> anyhow::Result<serde_json::Value> {
+    if pause {
+        require_status(monitor, &[Status::Running, Status::Created], "pause")?;
+        monitor
+            .vm
+            .pause()
+            .map_err(|e| anyhow::anyhow!("pausing the VM: {e}"))?;
+        monitor
+            .store
+            .update(&monitor.id, |s| s.status = Status::Paused)?;
+    } else {
+        require_status(monitor, &[Status::Paused], "resume")?;
+        monitor
+            .vm
+            .resume()
+            .map_err(|e| anyhow::anyhow!("resuming the VM: {e}"))?;
+        monitor
+            .store
+            .update(&monitor.id, |s| s.status = Status::Running)?;
+    }
+    Ok(json!({}))
+}
+
+fn ps(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
+    require_status(
+        monitor,
+        &[Status::Created, Status::Running],
+        "list processes of",
+    )?;
+    match agent(
+        monitor,
+        AgentRequest::Ps {
+            container_id: monitor.id.clone(),
+        },
+    )? {
+        ResponseBody::Ps { processes } => Ok(serde_json::to_value(processes)?),
+        other => bail!("unexpected answer to ps: {other:?}"),
+    }
+}
+
+fn stats(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
+    let stats = monitor
+        .vm
+        .stats()
+        .map_err(|e| anyhow::anyhow!("VM stats: {e}"))?;
+    Ok(json!({
+        "host_rss_bytes": stats.host_rss_bytes,
+        "host_pss_bytes": stats.host_pss_bytes,
+        "guest_memory_bytes": stats.guest_memory_bytes,
+        "monitor_rss_bytes": crate::stats::rss_bytes(std::process::id()),
+    }))
+}
+
+fn destroy(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
+    monitor.client.close();
+    monitor
+        .vm
+        .stop(Duration::from_millis(500))
+        .map_err(|e| anyhow::anyhow!("stopping the VM: {e}"))?;
+    Ok(json!({}))
+}
+
+static NEXT_EXEC: AtomicU64 = AtomicU64::new(1);
+
+/// Runs a process in the container; replies `{"pid":N}` once it started and `{"exit":N}` when
+/// it ended. The caller's stdio fds came with the request.
+fn exec(
+    monitor: &Monitor,
+    stream: &UnixStream,
+    process: serde_json::Value,
+    tty: bool,
+    mut fds: Vec<OwnedFd>,
+) {
+    let result = (|| -> anyhow::Result<(String, std::sync::mpsc::Receiver<runv_proto::ExitStatus>, stdio::Relay)> {
+        require_status(monitor, &[Status::Running], "exec into")?;
+        let host = match (tty, fds.len()) {
+            (true, 1) => HostStdio::Tty(fds.remove(0)),
+            (false, 3) => {
+                let stderr = fds.remove(2);
+                let stdout = fds.remove(1);
+                HostStdio::Plain {
+                    stdin: Some(fds.remove(0)),
+                    stdout,
+                    stderr,
+                }
+            }
+            (_, n) => bail!("exec needs 3 stdio fds (or 1 with a tty), got {n}"),
+        };
+        let exec_id = format!("exec-{}", NEXT_EXEC.fetch_add(1, Ordering::SeqCst));
+        let ids = stdio::allocate(tty, true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        monitor
+            .execs
+            .lock()
+            .map_err(|_| anyhow::anyhow!("exec table poisoned"))?
+            .insert(exec_id.clone(), tx);
+        let (cid, eid) = (monitor.id.clone(), exec_id.clone());
+        let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
+            AgentRequest::WindowSize {
+                container_id: cid.clone(),
+                exec_id: Some(eid.clone()),
+                rows,
+                cols,
+            }
+        })?;
+        let answer = monitor.client.request(
+            AgentRequest::Exec {
+                container_id: monitor.id.clone(),
+                exec_id: exec_id.clone(),
+                process,
+                stdio: ids,
+            },
+            REQUEST_TIMEOUT,
+        );
+        if let Err(e) = answer {
+            if let Ok(mut m) = monitor.execs.lock() {
+                m.remove(&exec_id);
+            }
+            return Err(e.into());
+        }
+        Ok((exec_id, rx, relay))
+    })();
+    let (exec_id, rx, relay) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<runv_proto::client::Error>()
+                .and_then(|err| match err {
+                    runv_proto::client::Error::Agent(a) => Some(a.code),
+                    _ => None,
+                });
+            let _ = control::reply(stream, &Reply::err(format!("{e:#}"), code));
+            return;
+        }
+    };
+    if control::reply(stream, &Reply::ok(json!({"exec_id": exec_id}))).is_err() {
+        tracing::debug!("exec client went away; the process keeps running");
+    }
+    let code = match rx.recv() {
+        Ok(status) => status.code(),
+        Err(_) => 137,
+    };
+    relay.wait_output(Duration::from_secs(2));
+    drop(relay);
+    let _ = control::reply(stream, &Reply::ok(json!({"exit": code})));
+}
