@@ -1,0 +1,204 @@
+//! Boot: mounts, modules, finding the channel, serving, powering off.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MsFlags, mount};
+use nix::sys::reboot::{RebootMode, reboot};
+use runv_proto::Mux;
+
+use crate::log::{self, Level};
+use crate::modules::Modules;
+use crate::reaper::Reaper;
+use crate::server::Agent;
+
+const PORT_NAME: &str = "org.runv.agent";
+
+struct Cmdline {
+    log: Level,
+    reboot: bool,
+    channel: Option<String>,
+}
+
+fn cmdline() -> Cmdline {
+    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut c = Cmdline {
+        log: Level::Info,
+        reboot: false,
+        channel: None,
+    };
+    for w in text.split_whitespace() {
+        if let Some(v) = w.strip_prefix("runv.log=") {
+            c.log = log::parse_level(v).unwrap_or(Level::Info);
+        } else if let Some(v) = w.strip_prefix("runv.exit=") {
+            c.reboot = v == "reboot";
+        } else if let Some(v) = w.strip_prefix("runv.channel=") {
+            c.channel = Some(v.to_string());
+        }
+    }
+    c
+}
+
+fn mount_basics() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let list: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
+        ("proc", "/proc", "proc", nosuid, None),
+        ("sysfs", "/sys", "sysfs", nosuid, None),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("ptmxmode=0666,mode=0620"),
+        ),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "run",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "tmp",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+    ];
+    for (src, dst, fs, flags, data) in list {
+        let _ = std::fs::create_dir_all(dst);
+        if let Err(e) = mount(Some(src), dst, Some(fs), flags, data) {
+            if e != nix::errno::Errno::EBUSY {
+                // Logging is not up yet (no /dev/kmsg before devtmpfs): use the console.
+                eprintln!("runv-agent: mount {dst}: {e}");
+            }
+        }
+    }
+}
+
+pub fn main() -> ! {
+    let t0 = Instant::now();
+    mount_basics();
+    let c = cmdline();
+    log::init(c.log);
+    crate::info!("starting runv-agent {}", env!("CARGO_PKG_VERSION"));
+    let reaper = Reaper::start();
+    let modules = Arc::new(Modules::load_table());
+    modules.load_for_devices();
+    if let Err(e) = crate::net::loopback_up() {
+        crate::warn!("loopback: {e}");
+    }
+    crate::debug!(
+        "modules loaded after {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let channel = match find_channel(&c, Duration::from_secs(30)) {
+        Ok(f) => f,
+        Err(e) => {
+            crate::error!("{e}");
+            power_off(c.reboot);
+        }
+    };
+    crate::info!(
+        "channel open after {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let writer = match channel.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            crate::error!("dup channel: {e}");
+            power_off(c.reboot);
+        }
+    };
+    let mux = Mux::new(Box::new(writer));
+    let agent = Agent::new(mux, modules, reaper, c.reboot);
+    match agent.serve(channel) {
+        Ok(()) => info!("host went away"),
+        Err(e) => error!("{e}"),
+    }
+    power_off(c.reboot)
+}
+
+fn find_port() -> Option<PathBuf> {
+    for d in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = std::fs::read_to_string(d.path().join("name")).unwrap_or_default();
+        if name.trim() == PORT_NAME {
+            return Some(PathBuf::from("/dev").join(d.file_name()));
+        }
+    }
+    None
+}
+
+fn find_channel(c: &Cmdline, timeout: Duration) -> Result<File, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(dev) = find_port() {
+            if dev.exists() {
+                return File::options()
+                    .read(true)
+                    .write(true)
+                    .open(&dev)
+                    .map_err(|e| format!("open {}: {e}", dev.display()));
+            }
+        } else if let Some(dev) = &c.channel {
+            if std::path::Path::new(dev).exists() {
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .open(dev)
+                    .map_err(|e| format!("open {dev}: {e}"))?;
+                make_raw(&f);
+                return Ok(f);
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "no agent channel: no virtio-serial port named {PORT_NAME} and no usable runv.channel= device after {}s",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn make_raw(f: &File) {
+    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+    if let Ok(mut t) = tcgetattr(f.as_fd()) {
+        cfmakeraw(&mut t);
+        let _ = tcsetattr(f.as_fd(), SetArg::TCSANOW, &t);
+    }
+}
+
+/// Syncs and ends the VM: power off, or reboot when `runv.exit=reboot` (for hypervisors
+/// without ACPI power-off; qemu runs with -no-reboot, so either ends it).
+pub fn power_off(reboot_instead: bool) -> ! {
+    nix::unistd::sync();
+    let mode = if reboot_instead {
+        RebootMode::RB_AUTOBOOT
+    } else {
+        RebootMode::RB_POWER_OFF
+    };
+    let e = reboot(mode);
+    crate::error!("reboot: {e:?}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

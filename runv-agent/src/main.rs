@@ -1,0 +1,20 @@
+//! runv-agent: PID 1 of a runv guest. See `init` for boot, `server` for the protocol,
+//! `helper` for how container processes are made.
+
+#[macro_use]
+mod log;
+mod helper;
+mod init;
+mod modules;
+mod net;
+mod reaper;
+mod server;
+mod spec;
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("__helper") {
+        log::init(log::Level::Warn);
+        helper::main();
+    }
+    init::main();
+}

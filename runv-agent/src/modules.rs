@@ -1,0 +1,130 @@
+//! Loading kernel modules from the initrd, only those the devices need.
+//!
+//! `/lib/modules/order` is written at image build time, one module per line in dependency
+//! order: `name relative/path.ko dep1 dep2 ...`.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::fs::File;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::kmod::{ModuleInitFlags, finit_module};
+
+const ORDER: &str = "/lib/modules/order";
+
+struct Entry {
+    path: String,
+    deps: Vec<String>,
+}
+
+pub struct Modules {
+    table: HashMap<String, Entry>,
+    loaded: Mutex<HashSet<String>>,
+}
+
+impl Modules {
+    pub fn load_table() -> Self {
+        let mut table = HashMap::new();
+        match std::fs::read_to_string(ORDER) {
+            Ok(text) => {
+                for line in text.lines() {
+                    let mut it = line.split_whitespace();
+                    let (Some(name), Some(path)) = (it.next(), it.next()) else {
+                        continue;
+                    };
+                    table.insert(
+                        name.replace('-', "_"),
+                        Entry {
+                            path: format!("/lib/modules/{path}"),
+                            deps: it.map(|d| d.replace('-', "_")).collect(),
+                        },
+                    );
+                }
+            }
+            Err(e) => crate::debug!("no module list {ORDER}: {e}"),
+        }
+        Self {
+            table,
+            loaded: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.table.contains_key(&name.replace('-', "_"))
+    }
+
+    /// Loads `name` and its dependencies. A module that is built in (absent from the list) or
+    /// already loaded is fine.
+    pub fn ensure(&self, name: &str) -> Result<(), String> {
+        let name = name.replace('-', "_");
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        self.ensure_locked(&name, &mut loaded, 0)
+    }
+
+    fn ensure_locked(
+        &self,
+        name: &str,
+        loaded: &mut HashSet<String>,
+        depth: usize,
+    ) -> Result<(), String> {
+        if loaded.contains(name) || depth > 32 {
+            return Ok(());
+        }
+        let Some(entry) = self.table.get(name) else {
+            // Not shipped: assume built into the kernel.
+            return Ok(());
+        };
+        for dep in &entry.deps {
+            self.ensure_locked(dep, loaded, depth + 1)?;
+        }
+        let t0 = Instant::now();
+        let file = File::open(&entry.path).map_err(|e| format!("open {}: {e}", entry.path))?;
+        let params = CString::default();
+        match finit_module(&file, &params, ModuleInitFlags::empty()) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(format!("load module {name}: {e}")),
+        }
+        crate::debug!(
+            "module {name} loaded in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        loaded.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Loads the virtio transports, then a driver for every virtio device present.
+    pub fn load_for_devices(&self) {
+        for m in ["virtio_mmio", "virtio_pci"] {
+            if let Err(e) = self.ensure(m) {
+                crate::warn!("{e}");
+            }
+        }
+        let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+            return;
+        };
+        let mut ids: Vec<u32> = dir
+            .flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("device")).ok())
+            .filter_map(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let wanted: &[&str] = match id {
+                1 => &["virtio_net"],
+                2 => &["virtio_blk"],
+                3 => &["virtio_console"],
+                9 => &["9pnet_virtio", "9p"],
+                19 => &["vmw_vsock_virtio_transport"],
+                _ => &[],
+            };
+            for m in wanted {
+                if let Err(e) = self.ensure(m) {
+                    crate::warn!("{e}");
+                }
+            }
+        }
+    }
+}

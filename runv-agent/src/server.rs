@@ -1,0 +1,843 @@
+//! Serving the protocol: containers, processes, stdio, events.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio as PStdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::libc;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use runv_proto::{
+    AgentError, Event, ExitStatus, FrameReader, Message, Mux, PROTOCOL_VERSION, ProcessInfo,
+    Request, ResponseBody, RootfsSource, Stdio,
+};
+
+use crate::modules::Modules;
+use crate::reaper::Reaper;
+use crate::spec::{HelperConfig, Mode, Process, Report, Spec};
+
+const CONTAINERS: &str = "/run/runv/containers";
+const SHARES: &str = "/run/runv/shares";
+
+pub struct Proc {
+    pub pid: i32,
+    pub master: Option<Arc<File>>,
+    pub exited: Arc<AtomicBool>,
+}
+
+pub struct Container {
+    init: Proc,
+    /// The socket to the init, blocked until we write `start`.
+    start: Option<(UnixStream, BufReader<UnixStream>)>,
+    dir: PathBuf,
+    execs: HashMap<String, Proc>,
+}
+
+pub struct Agent {
+    pub mux: Arc<Mux>,
+    pub modules: Arc<Modules>,
+    pub reaper: Reaper,
+    containers: Mutex<HashMap<String, Container>>,
+    shares: Mutex<std::collections::HashSet<String>>,
+    power_off_when_idle: AtomicBool,
+    pub reboot_to_exit: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn err(msg: impl Into<String>) -> AgentError {
+    AgentError::new(1, msg)
+}
+
+impl Agent {
+    pub fn new(
+        mux: Arc<Mux>,
+        modules: Arc<Modules>,
+        reaper: Reaper,
+        reboot_to_exit: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            mux,
+            modules,
+            reaper,
+            containers: Mutex::new(HashMap::new()),
+            shares: Mutex::new(Default::default()),
+            power_off_when_idle: AtomicBool::new(false),
+            reboot_to_exit,
+        })
+    }
+
+    /// Reads frames until the host goes away.
+    pub fn serve(self: &Arc<Self>, channel: File) -> Result<(), String> {
+        self.mux
+            .send_message(&Message::Hello {
+                version: PROTOCOL_VERSION,
+                agent_version: format!("runv-agent {}", env!("CARGO_PKG_VERSION")),
+            })
+            .map_err(|e| format!("send hello: {e}"))?;
+        let mut reader = FrameReader::new(channel);
+        loop {
+            let frame = match reader.read_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err("host closed the channel".into()),
+                Err(e) => return Err(format!("reading from the host: {e}")),
+            };
+            match self.mux.handle_frame(frame) {
+                Ok(None) => {}
+                Ok(Some(Message::Hello {
+                    version,
+                    agent_version,
+                })) => {
+                    if version != PROTOCOL_VERSION {
+                        crate::error!(
+                            "host ({agent_version}) speaks protocol {version}, we speak {PROTOCOL_VERSION}"
+                        );
+                    } else {
+                        crate::info!("host connected: {agent_version}");
+                    }
+                }
+                Ok(Some(Message::Request { id, body })) => {
+                    let me = Arc::clone(self);
+                    std::thread::spawn(move || {
+                        crate::debug!("request {id}: {body:?}");
+                        let shutdown = matches!(body, Request::Shutdown);
+                        let result = me.handle(body);
+                        if let Err(e) = &result {
+                            crate::debug!("request {id} failed: {e}");
+                        }
+                        let _ = me.mux.send_message(&Message::Response { id, result });
+                        if shutdown {
+                            me.power_off();
+                        }
+                    });
+                }
+                Ok(Some(other)) => crate::warn!("unexpected message from host: {other:?}"),
+                Err(e) => return Err(format!("bad frame from the host: {e}")),
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, req: Request) -> Result<ResponseBody, AgentError> {
+        match req {
+            Request::Ping => Ok(ResponseBody::Pong {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Request::CreateContainer {
+                id,
+                spec,
+                rootfs,
+                stdio,
+                hostname,
+                hosts,
+                resolv_conf,
+            } => self.create(id, spec, rootfs, stdio, hostname, hosts, resolv_conf),
+            Request::StartContainer { id } => self.start(&id),
+            Request::Exec {
+                container_id,
+                exec_id,
+                process,
+                stdio,
+            } => self.exec(&container_id, exec_id, process, stdio),
+            Request::Signal {
+                container_id,
+                exec_id,
+                signal,
+                all,
+            } => self.signal(&container_id, exec_id.as_deref(), signal, all),
+            Request::WindowSize {
+                container_id,
+                exec_id,
+                rows,
+                cols,
+            } => {
+                let cs = lock(&self.containers);
+                let c = cs
+                    .get(&container_id)
+                    .ok_or_else(|| no_container(&container_id))?;
+                let p = match &exec_id {
+                    None => &c.init,
+                    Some(e) => c
+                        .execs
+                        .get(e)
+                        .ok_or_else(|| err(format!("no such exec {e}")))?,
+                };
+                let m = p
+                    .master
+                    .as_ref()
+                    .ok_or_else(|| err("process has no terminal"))?;
+                set_winsize(m, rows, cols).map_err(|e| err(format!("set window size: {e}")))?;
+                Ok(ResponseBody::Ok)
+            }
+            Request::Ps { container_id } => {
+                let pid = self.init_pid(&container_id)?;
+                Ok(ResponseBody::Ps {
+                    processes: ps(pid).map_err(|e| err(format!("ps: {e}")))?,
+                })
+            }
+            Request::RemoveContainer { id } => self.remove(&id),
+            Request::ConfigureNetwork { interfaces, routes } => {
+                self.modules.ensure("virtio_net").map_err(err)?;
+                crate::net::configure(&interfaces, &routes).map_err(err)?;
+                Ok(ResponseBody::Ok)
+            }
+            Request::SetPowerOffWhenIdle { enabled } => {
+                self.power_off_when_idle.store(enabled, Ordering::SeqCst);
+                Ok(ResponseBody::Ok)
+            }
+            Request::Shutdown => Ok(ResponseBody::Ok),
+        }
+    }
+
+    fn init_pid(&self, id: &str) -> Result<i32, AgentError> {
+        let cs = lock(&self.containers);
+        let c = cs.get(id).ok_or_else(|| no_container(id))?;
+        if c.init.exited.load(Ordering::SeqCst) {
+            return Err(err("container not running"));
+        }
+        Ok(c.init.pid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        self: &Arc<Self>,
+        id: String,
+        spec: serde_json::Value,
+        rootfs: runv_proto::Rootfs,
+        stdio: Stdio,
+        hostname: Option<String>,
+        hosts: Option<String>,
+        resolv_conf: Option<String>,
+    ) -> Result<ResponseBody, AgentError> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(err(format!("invalid container id {id:?}")));
+        }
+        if lock(&self.containers).contains_key(&id) {
+            return Err(err(format!("container with id exists: {id}")));
+        }
+        let spec: Spec =
+            serde_json::from_value(spec).map_err(|e| err(format!("bad OCI spec: {e}")))?;
+        let process = spec
+            .process
+            .clone()
+            .ok_or_else(|| err("spec has no process"))?;
+        let dir = Path::new(CONTAINERS).join(&id);
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(&root)
+            .map_err(|e| err(format!("mkdir {}: {e}", root.display())))?;
+        let r = (|| {
+            self.mount_rootfs(&rootfs, &root)?;
+            let mut files = Vec::new();
+            for (name, content, dst) in [
+                ("hosts", &hosts, "/etc/hosts"),
+                ("resolv.conf", &resolv_conf, "/etc/resolv.conf"),
+                (
+                    "hostname",
+                    &hostname
+                        .as_ref()
+                        .or(spec.hostname.as_ref())
+                        .map(|h| format!("{h}\n")),
+                    "/etc/hostname",
+                ),
+            ] {
+                if let Some(c) = content {
+                    let p = dir.join(name);
+                    std::fs::write(&p, c)
+                        .map_err(|e| err(format!("write {}: {e}", p.display())))?;
+                    files.push((p.to_string_lossy().into_owned(), dst.to_string()));
+                }
+            }
+            let linux = spec.linux.clone().unwrap_or_default();
+            let cfg = HelperConfig {
+                mode: Mode::Create {
+                    rootfs: root.to_string_lossy().into_owned(),
+                    readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
+                    hostname: hostname.clone().or(spec.hostname.clone()),
+                    mounts: spec.mounts.clone(),
+                    masked_paths: linux.masked_paths,
+                    readonly_paths: linux.readonly_paths,
+                    files,
+                },
+                process,
+                wait_start: true,
+            };
+            self.spawn(cfg, stdio)
+        })();
+        let spawned = match r {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = umount2(&root, MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let pid = spawned.proc_.pid;
+        let exited = Arc::clone(&spawned.proc_.exited);
+        let master = spawned.proc_.master.clone();
+        lock(&self.containers).insert(
+            id.clone(),
+            Container {
+                init: Proc {
+                    pid,
+                    master,
+                    exited,
+                },
+                start: Some((spawned.sock, spawned.reader)),
+                dir,
+                execs: HashMap::new(),
+            },
+        );
+        self.watch_exit(id, None, spawned.exit, spawned.pumps);
+        Ok(ResponseBody::Process { pid })
+    }
+
+    fn mount_rootfs(&self, rootfs: &runv_proto::Rootfs, target: &Path) -> Result<(), AgentError> {
+        let mut flags = MsFlags::empty();
+        if rootfs.readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        match &rootfs.source {
+            RootfsSource::Share { tag } => {
+                // A 9p tag can be mounted only once: mount it under /run/runv/shares and
+                // bind-mount that into each container using it.
+                let share = Path::new(SHARES).join(tag.replace('/', "_"));
+                {
+                    let mut shares = lock(&self.shares);
+                    if !shares.contains(tag) {
+                        for m in ["9pnet_virtio", "9p"] {
+                            self.modules.ensure(m).map_err(err)?;
+                        }
+                        std::fs::create_dir_all(&share)
+                            .map_err(|e| err(format!("mkdir {}: {e}", share.display())))?;
+                        mount(
+                            Some(tag.as_str()),
+                            &share,
+                            Some("9p"),
+                            MsFlags::empty(),
+                            Some("trans=virtio,version=9p2000.L,msize=262144"),
+                        )
+                        .map_err(|e| err(format!("mount 9p share {tag:?}: {e}")))?;
+                        shares.insert(tag.clone());
+                    }
+                }
+                mount(
+                    Some(&share),
+                    target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| err(format!("bind share {tag:?}: {e}")))?;
+                if rootfs.readonly {
+                    mount(
+                        None::<&str>,
+                        target,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+                        None::<&str>,
+                    )
+                    .map_err(|e| err(format!("make rootfs read-only: {e}")))?;
+                }
+                Ok(())
+            }
+            RootfsSource::Block { serial, fs_type } => {
+                self.modules.ensure("virtio_blk").map_err(err)?;
+                if fs_type == "ext4" {
+                    let _ = self.modules.ensure("crc32c_generic");
+                }
+                if self.modules.has(fs_type) {
+                    self.modules.ensure(fs_type).map_err(err)?;
+                }
+                let dev = find_block(serial)?;
+                mount(
+                    Some(&dev),
+                    target,
+                    Some(fs_type.as_str()),
+                    flags,
+                    None::<&str>,
+                )
+                .map_err(|e| {
+                    err(format!(
+                        "mount {} ({fs_type}, serial {serial}): {e}",
+                        dev.display()
+                    ))
+                })
+            }
+        }
+    }
+
+    fn start(&self, id: &str) -> Result<ResponseBody, AgentError> {
+        let (mut sock, mut reader) = {
+            let mut cs = lock(&self.containers);
+            let c = cs.get_mut(id).ok_or_else(|| no_container(id))?;
+            c.start
+                .take()
+                .ok_or_else(|| err("cannot start a container that has already started"))?
+        };
+        sock.write_all(b"start\n")
+            .map_err(|e| err(format!("start container: {e}")))?;
+        wait_exec(&mut reader)?;
+        Ok(ResponseBody::Ok)
+    }
+
+    fn exec(
+        self: &Arc<Self>,
+        cid: &str,
+        exec_id: String,
+        process: serde_json::Value,
+        stdio: Stdio,
+    ) -> Result<ResponseBody, AgentError> {
+        let init_pid = self.init_pid(cid)?;
+        if lock(&self.containers)
+            .get(cid)
+            .is_some_and(|c| c.execs.contains_key(&exec_id))
+        {
+            return Err(err(format!("exec id {exec_id} already in use")));
+        }
+        let process: Process =
+            serde_json::from_value(process).map_err(|e| err(format!("bad OCI process: {e}")))?;
+        let cfg = HelperConfig {
+            mode: Mode::Exec { init_pid },
+            process,
+            wait_start: false,
+        };
+        let mut spawned = self.spawn(cfg, stdio)?;
+        let pid = spawned.proc_.pid;
+        let r = wait_exec(&mut spawned.reader);
+        {
+            let mut cs = lock(&self.containers);
+            if let Some(c) = cs.get_mut(cid) {
+                c.execs.insert(exec_id.clone(), spawned.proc_);
+            }
+        }
+        self.watch_exit(cid.to_string(), Some(exec_id), spawned.exit, spawned.pumps);
+        r?;
+        Ok(ResponseBody::Process { pid })
+    }
+
+    fn signal(
+        &self,
+        cid: &str,
+        exec_id: Option<&str>,
+        sig: i32,
+        all: bool,
+    ) -> Result<ResponseBody, AgentError> {
+        let signal = Signal::try_from(sig).map_err(|_| err(format!("invalid signal {sig}")))?;
+        let cs = lock(&self.containers);
+        let c = cs.get(cid).ok_or_else(|| no_container(cid))?;
+        let p = match exec_id {
+            None => &c.init,
+            Some(e) => c
+                .execs
+                .get(e)
+                .ok_or_else(|| err(format!("no such exec {e}")))?,
+        };
+        if p.exited.load(Ordering::SeqCst) {
+            return Err(err("container not running"));
+        }
+        if all && exec_id.is_none() {
+            let ns = std::fs::read_link(format!("/proc/{}/ns/pid", p.pid)).ok();
+            for pid in proc_pids() {
+                if pid != p.pid && std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() == ns {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+            }
+        }
+        kill(Pid::from_raw(p.pid), signal).map_err(|e| err(format!("kill: {e}")))?;
+        Ok(ResponseBody::Ok)
+    }
+
+    fn remove(&self, id: &str) -> Result<ResponseBody, AgentError> {
+        let (pid, exited, dir) = {
+            let cs = lock(&self.containers);
+            let c = cs.get(id).ok_or_else(|| no_container(id))?;
+            (c.init.pid, Arc::clone(&c.init.exited), c.dir.clone())
+        };
+        if !exited.load(Ordering::SeqCst) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            for _ in 0..500 {
+                if exited.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        lock(&self.containers).remove(id);
+        let root = dir.join("rootfs");
+        let _ = umount2(&root, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(ResponseBody::Ok)
+    }
+
+    /// Starts a helper for `cfg` with the given stdio and waits until the new process is
+    /// ready (set up, executable found) or failed.
+    fn spawn(&self, cfg: HelperConfig, stdio: Stdio) -> Result<Spawned, AgentError> {
+        let io = ProcIo::new(
+            &stdio,
+            cfg.process.console_size.map(|c| (c.height, c.width)),
+        )
+        .map_err(|e| err(format!("set up stdio: {e}")))?;
+        let (sock, child_sock) = UnixStream::pair().map_err(|e| err(format!("socketpair: {e}")))?;
+        let child_fd = child_sock.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg("__helper")
+            .env_clear()
+            .stdin(io.child_stdin)
+            .stdout(io.child_stdout)
+            .stderr(io.child_stderr);
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if child_fd == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(child_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| err(format!("spawn helper: {e}")))?;
+        let helper_pid = child.id() as i32;
+        drop(cmd);
+        drop(child_sock);
+        drop(child);
+        self.reaper.forget(helper_pid);
+
+        let mut w = sock.try_clone().map_err(|e| err(e.to_string()))?;
+        let mut reader = BufReader::new(sock.try_clone().map_err(|e| err(e.to_string()))?);
+        let mut line = serde_json::to_vec(&cfg).map_err(|e| err(e.to_string()))?;
+        line.push(b'\n');
+        w.write_all(&line)
+            .map_err(|e| err(format!("configure helper: {e}")))?;
+        let pid = match read_report(&mut reader)? {
+            Some(Report::Pid(p)) => p,
+            Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
+            other => return Err(err(format!("helper said {other:?}, expected a pid"))),
+        };
+        let exit = self.reaper.watch(pid);
+        match read_report(&mut reader)? {
+            Some(Report::Ready) => {}
+            Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
+            other => return Err(err(format!("process said {other:?} before it was ready"))),
+        }
+        let mut pumps = Vec::new();
+        for (stream, src) in io.outputs {
+            let mux = Arc::clone(&self.mux);
+            pumps.push(std::thread::spawn(move || {
+                if let Err(e) = mux.pump(stream, src) {
+                    crate::debug!("stream {stream}: {e}");
+                }
+            }));
+        }
+        if let Some((stream, sink)) = io.input {
+            self.mux.attach_sink(stream, Box::new(sink));
+        }
+        Ok(Spawned {
+            proc_: Proc {
+                pid,
+                master: io.master,
+                exited: Arc::new(AtomicBool::new(false)),
+            },
+            sock,
+            reader,
+            exit,
+            pumps,
+        })
+    }
+
+    fn watch_exit(
+        self: &Arc<Self>,
+        cid: String,
+        exec_id: Option<String>,
+        exit: std::sync::mpsc::Receiver<ExitStatus>,
+        pumps: Vec<JoinHandle<()>>,
+    ) {
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            let Ok(status) = exit.recv() else { return };
+            {
+                let cs = lock(&me.containers);
+                if let Some(c) = cs.get(&cid) {
+                    let p = match &exec_id {
+                        None => Some(&c.init),
+                        Some(e) => c.execs.get(e),
+                    };
+                    if let Some(p) = p {
+                        p.exited.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            // Deliver all output before the exit event. An init's pid namespace dies with
+            // it, so its streams end; an exec'd process may leave a child holding them.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for p in pumps {
+                    let _ = p.join();
+                }
+                let _ = tx.send(());
+            });
+            let grace = if exec_id.is_none() { 3600 } else { 5 };
+            let _ = rx.recv_timeout(Duration::from_secs(grace));
+            crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
+            let _ = me.mux.send_message(&Message::Event {
+                event: Event::ProcessExited {
+                    container_id: cid.clone(),
+                    exec_id: exec_id.clone(),
+                    status,
+                },
+            });
+            if exec_id.is_none() && me.power_off_when_idle.load(Ordering::SeqCst) {
+                let idle = lock(&me.containers)
+                    .values()
+                    .all(|c| c.init.exited.load(Ordering::SeqCst));
+                if idle {
+                    me.power_off();
+                }
+            }
+        });
+    }
+
+    pub fn power_off(&self) {
+        std::thread::sleep(Duration::from_millis(50));
+        crate::init::power_off(self.reboot_to_exit);
+    }
+}
+
+struct Spawned {
+    proc_: Proc,
+    sock: UnixStream,
+    reader: BufReader<UnixStream>,
+    exit: std::sync::mpsc::Receiver<ExitStatus>,
+    pumps: Vec<JoinHandle<()>>,
+}
+
+fn no_container(id: &str) -> AgentError {
+    err(format!("container does not exist: {id}"))
+}
+
+fn read_report(r: &mut BufReader<UnixStream>) -> Result<Option<Report>, AgentError> {
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => Ok(None),
+        Ok(_) => serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| err(format!("bad report {line:?}: {e}"))),
+        Err(e) => Err(err(format!("read from helper: {e}"))),
+    }
+}
+
+/// After `start` (or for an exec): EOF means exec succeeded, an error line that it failed.
+fn wait_exec(r: &mut BufReader<UnixStream>) -> Result<(), AgentError> {
+    match read_report(r)? {
+        None => Ok(()),
+        Some(Report::Error { message, code }) => Err(AgentError::new(code, message)),
+        Some(other) => Err(err(format!("unexpected report {other:?}"))),
+    }
+}
+
+/// A process's standard streams: the child's ends and ours.
+struct ProcIo {
+    child_stdin: PStdio,
+    child_stdout: PStdio,
+    child_stderr: PStdio,
+    outputs: Vec<(u32, File)>,
+    input: Option<(u32, File)>,
+    master: Option<Arc<File>>,
+}
+
+impl ProcIo {
+    fn new(stdio: &Stdio, size: Option<(u16, u16)>) -> std::io::Result<Self> {
+        let null = || File::options().read(true).write(true).open("/dev/null");
+        if stdio.terminal {
+            let (master, slave) = open_pty()?;
+            if let Some((rows, cols)) = size {
+                set_winsize(&master, rows, cols)?;
+            }
+            let input = match stdio.stdin {
+                Some(s) => Some((s, master.try_clone()?)),
+                None => None,
+            };
+            let out = master.try_clone()?;
+            return Ok(Self {
+                child_stdin: PStdio::from(slave.try_clone()?),
+                child_stdout: PStdio::from(slave.try_clone()?),
+                child_stderr: PStdio::from(slave),
+                outputs: vec![(stdio.stdout, out)],
+                input,
+                master: Some(Arc::new(master)),
+            });
+        }
+        let mut outputs = Vec::new();
+        let (child_stdin, input) = match stdio.stdin {
+            Some(s) => {
+                let (r, w) = pipe()?;
+                (PStdio::from(r), Some((s, w)))
+            }
+            None => (PStdio::from(null()?), None),
+        };
+        let (r, w) = pipe()?;
+        outputs.push((stdio.stdout, r));
+        let child_stdout = PStdio::from(w);
+        let child_stderr = match stdio.stderr {
+            Some(s) => {
+                let (r, w) = pipe()?;
+                outputs.push((s, r));
+                PStdio::from(w)
+            }
+            None => PStdio::from(null()?),
+        };
+        Ok(Self {
+            child_stdin,
+            child_stdout,
+            child_stderr,
+            outputs,
+            input,
+            master: None,
+        })
+    }
+}
+
+fn pipe() -> std::io::Result<(File, File)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    Ok((File::from(r), File::from(w)))
+}
+
+fn open_pty() -> std::io::Result<(File, File)> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let m = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&m)?;
+    unlockpt(&m)?;
+    let name = ptsname_r(&m)?;
+    let slave = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&name)?;
+    // SAFETY: into_raw_fd hands over sole ownership of the master fd.
+    let master = unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(m))
+    };
+    Ok((File::from(master), slave))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn set_winsize(master: &File, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a `winsize` that lives for the duration of the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn find_block(serial: &str) -> Result<PathBuf, AgentError> {
+    for _ in 0..500 {
+        if let Ok(dir) = std::fs::read_dir("/sys/block") {
+            for d in dir.flatten() {
+                let name = d.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("vd") {
+                    continue;
+                }
+                if std::fs::read_to_string(d.path().join("serial"))
+                    .is_ok_and(|s| s.trim() == serial)
+                {
+                    let dev = PathBuf::from("/dev").join(&name);
+                    if dev.exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(err(format!("no virtio-blk disk with serial {serial:?}")))
+}
+
+fn proc_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes in the pid namespace of `init`, with pids as the container sees them.
+fn ps(init: i32) -> std::io::Result<Vec<ProcessInfo>> {
+    let ns = std::fs::read_link(format!("/proc/{init}/ns/pid"))?;
+    let mut raw = Vec::new();
+    let mut to_ns = HashMap::new();
+    for pid in proc_pids() {
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let nspid: i32 = field("NSpid:")
+            .split_whitespace()
+            .last()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(pid);
+        to_ns.insert(pid, nspid);
+        let ppid: i32 = field("PPid:").parse().unwrap_or(0);
+        let uid: u32 = field("Uid:")
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let state = field("State:").chars().next().unwrap_or('?').to_string();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        if args.is_empty() {
+            args.push(format!("[{}]", field("Name:")));
+        }
+        raw.push((nspid, ppid, uid, state, args));
+    }
+    Ok(raw
+        .into_iter()
+        .map(|(pid, ppid, uid, state, args)| ProcessInfo {
+            pid,
+            ppid: to_ns.get(&ppid).copied().unwrap_or(0),
+            uid,
+            state,
+            args,
+        })
+        .collect())
+}
