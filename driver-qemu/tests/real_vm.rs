@@ -1,0 +1,266 @@
+//! Boots real VMs with qemu (TCG on hosts without usable KVM) from `target/guest`, built by
+//! `cargo xtask guest`. Few boots: each takes a few seconds under TCG.
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use runv_api::{HypervisorClient, PluginModuleRef, Vm, VmConfig};
+use runv_driver_qemu::QemuDriver;
+use runv_proto::client::AgentClient;
+use runv_proto::{Request, ResponseBody};
+
+const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A scratch directory; on drop (also when a test fails) every process started with a path
+/// inside it on its command line (our qemu) is killed by pid, then the directory is removed.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("runv-qemu-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn processes(&self) -> Vec<i32> {
+        let needle = self.0.to_str().unwrap().as_bytes().to_vec();
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+                if cmdline
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice())
+                {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for pid in self.processes() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn guest_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNV_GUEST_DIR") {
+        return dir.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("guest")
+}
+
+fn config(scratch: &Scratch, name: &str) -> VmConfig {
+    let guest = guest_dir();
+    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "{} or {} is missing: run `cargo xtask guest` first",
+        kernel.display(),
+        initrd.display()
+    );
+    VmConfig {
+        version: runv_api::VM_CONFIG_VERSION,
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel,
+        initrd: Some(initrd),
+        kernel_params: "quiet".into(),
+        state_dir: scratch.0.join("state"),
+        console_log: scratch.0.join("console.log"),
+        log_file: Some(scratch.0.join("qemu.log")),
+        ..Default::default()
+    }
+}
+
+/// What the VM wrote, for failure messages.
+fn logs(scratch: &Scratch) -> String {
+    let read = |n: &str| fs::read_to_string(scratch.0.join(n)).unwrap_or_default();
+    format!(
+        "--- qemu.log ---\n{}\n--- console.log (tail) ---\n{}",
+        read("qemu.log"),
+        read("console.log")
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
+fn agent(fd: OwnedFd, scratch: &Scratch) -> AgentClient {
+    AgentClient::connect(fd, AGENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("agent handshake: {e}\n{}", logs(scratch)))
+}
+
+#[test]
+fn boot_pause_resume_shutdown_direct() {
+    let scratch = Scratch::new("direct");
+    let driver = QemuDriver::new();
+    let vm = driver
+        .start(&config(&scratch, "direct"))
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    let pid = vm.pid();
+    assert_eq!(vm.pids(), vec![pid]);
+    assert_eq!(vm.qmp_status().unwrap(), "running");
+
+    // The guest agent says Hello over the virtio-serial port, and answers.
+    let client = agent(vm.take_agent_channel().unwrap(), &scratch);
+    assert!(
+        vm.take_agent_channel().is_err(),
+        "the channel is handed over once"
+    );
+    let pong = client.request(Request::Ping, REQUEST_TIMEOUT).unwrap();
+    assert!(matches!(pong, ResponseBody::Pong { .. }), "{pong:?}");
+
+    vm.pause().unwrap();
+    assert_eq!(vm.qmp_status().unwrap(), "paused");
+    vm.resume().unwrap();
+    assert_eq!(vm.qmp_status().unwrap(), "running");
+    let pong = client.request(Request::Ping, REQUEST_TIMEOUT).unwrap();
+    assert!(
+        matches!(pong, ResponseBody::Pong { .. }),
+        "the guest answers after resume: {pong:?}"
+    );
+
+    let stats = vm.stats().unwrap();
+    assert!(
+        stats.host_rss_bytes > 0 && stats.host_pss_bytes > 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.guest_memory_bytes, 256 << 20);
+
+    // The graceful path: the agent powers the guest off (a reboot, ending qemu); stop only waits.
+    let _ = client.request(Request::Shutdown, REQUEST_TIMEOUT);
+    vm.stop(Duration::from_secs(60)).unwrap();
+    let exit = vm.wait().unwrap();
+    assert_eq!(
+        (exit.code, exit.signal, exit.description.as_str()),
+        (0, 0, "the guest shut down"),
+        "{}",
+        logs(&scratch)
+    );
+    assert!(vm.pids().is_empty());
+    assert!(vm.stats().is_err());
+    assert!(vm.pause().is_err());
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
+
+fn plugin_path() -> PathBuf {
+    // The test binary is target/<profile>/deps/<name>; the cdylib built for the tests is next
+    // to it (and uplifted to target/<profile>/ by a normal build).
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [deps, deps.parent().unwrap()]
+        .iter()
+        .map(|d| d.join("librunv_driver_qemu.so"))
+        .find(|p| p.exists())
+        .expect("librunv_driver_qemu.so was not built next to the test binary")
+}
+
+fn plugin() -> HypervisorClient {
+    let module = abi_stable::library::lib_header_from_path(&plugin_path())
+        .unwrap()
+        .init_root_module::<PluginModuleRef>()
+        .unwrap();
+    HypervisorClient::new((module.new_hypervisor())().into_result().unwrap())
+}
+
+#[test]
+fn boot_through_the_plugin_then_quit_while_paused() {
+    let scratch = Scratch::new("plugin");
+    let driver = plugin();
+    assert_eq!(driver.info().name.as_str(), "qemu");
+    driver.probe().unwrap();
+    let vm = driver
+        .start_vm(&config(&scratch, "plugin"))
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    assert_eq!(vm.pids().len(), 1);
+
+    // Raw bytes from the guest: the agent's Hello control frame
+    // (u32 LE length, u8 type, u32 id, JSON payload).
+    let mut channel = std::fs::File::from(vm.take_agent_channel().unwrap());
+    let mut header = [0u8; 9];
+    channel
+        .read_exact(&mut header)
+        .unwrap_or_else(|e| panic!("reading the agent channel: {e}\n{}", logs(&scratch)));
+    let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+    assert!(len < 4096, "frame length {len}");
+    let mut payload = vec![0u8; len.saturating_sub(5).min(4096)];
+    channel.read_exact(&mut payload).unwrap();
+    let text = String::from_utf8_lossy(&payload);
+    assert!(
+        text.contains("hello"),
+        "not a Hello frame: {header:?} {text}"
+    );
+
+    vm.pause().unwrap();
+    // Nobody asked the guest to shut down: stop waits briefly, then QMP quit ends qemu (a
+    // paused VM can still quit).
+    vm.stop(Duration::from_millis(200)).unwrap();
+    let exit = vm.wait().unwrap();
+    assert_eq!((exit.code, exit.signal), (0, 0), "{exit:?}");
+    assert!(exit.description.as_str().contains("QMP quit"), "{exit:?}");
+    // A second stop and wait are fine.
+    vm.stop(Duration::ZERO).unwrap();
+    assert_eq!(vm.wait().unwrap(), exit);
+    assert!(vm.console_log().ends_with("console.log"));
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+    let log = fs::read_to_string(scratch.0.join("qemu.log")).unwrap();
+    assert!(log.contains("runv-driver-qemu: starting"), "{log}");
+}
+
+#[test]
+fn missing_kernel_fails_with_qemus_message() {
+    let scratch = Scratch::new("nokernel");
+    let mut cfg = config(&scratch, "nokernel");
+    cfg.kernel = scratch.0.join("no-such-vmlinux");
+    let err = match QemuDriver::new().start(&cfg) {
+        Err(e) => e,
+        Ok(_) => panic!("a VM without a kernel started"),
+    };
+    assert!(
+        err.starts_with("qemu") && err.contains("no-such-vmlinux") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(scratch.processes().is_empty(), "qemu still running");
+}
+
+#[test]
+fn dropping_the_handle_kills_qemu() {
+    let scratch = Scratch::new("drop");
+    let vm = QemuDriver::new()
+        .start(&config(&scratch, "drop"))
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    let pid = vm.pid();
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+    let log = fs::read_to_string(scratch.0.join("qemu.log")).unwrap();
+    assert!(log.contains("killed by the host"), "{log}");
+}
