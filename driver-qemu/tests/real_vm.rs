@@ -264,3 +264,23 @@ fn dropping_the_handle_kills_qemu() {
     let log = fs::read_to_string(scratch.0.join("qemu.log")).unwrap();
     assert!(log.contains("killed by the host"), "{log}");
 }
+
+#[test]
+fn pc_machine_boots_too() {
+    let scratch = Scratch::new("pc");
+    let mut cfg = config(&scratch, "pc");
+    cfg.parameters.insert("machine".into(), "pc".into());
+    cfg.parameters.insert("accel".into(), "tcg".into());
+    let vm = QemuDriver::new()
+        .start(&cfg)
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    let client = agent(vm.take_agent_channel().unwrap(), &scratch);
+    let pong = client.request(Request::Ping, REQUEST_TIMEOUT).unwrap();
+    assert!(matches!(pong, ResponseBody::Pong { .. }), "{pong:?}");
+    vm.stop(Duration::ZERO).unwrap();
+    assert_eq!(vm.wait().unwrap().signal, 0);
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+    let log = fs::read_to_string(scratch.0.join("qemu.log")).unwrap();
+    assert!(log.contains(" -M pc "), "{log}");
+}
