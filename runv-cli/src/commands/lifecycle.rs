@@ -21,8 +21,8 @@ fn load_live(ctx: &Ctx, id: &str) -> anyhow::Result<(ContainerState, Status)> {
     Ok((state, status))
 }
 
+// No state lock is held across a control call: the monitor updates the state under that lock.
 pub fn start(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
-    let _lock = ctx.store.lock(id)?;
     let (_, status) = load_live(ctx, id)?;
     match status {
         Status::Created => {}
@@ -93,7 +93,6 @@ pub fn kill(ctx: &Ctx, id: &str, signal: &str, all: bool) -> anyhow::Result<()> 
 }
 
 pub fn pause(ctx: &Ctx, id: &str, pause: bool) -> anyhow::Result<()> {
-    let _lock = ctx.store.lock(id)?;
     let (_, status) = load_live(ctx, id)?;
     match (pause, status) {
         (true, Status::Running | Status::Created) | (false, Status::Paused) => {}

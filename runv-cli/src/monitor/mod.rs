@@ -79,11 +79,23 @@ pub fn main(dir: &Path) -> ExitCode {
         }
         Err(e) => {
             let message = format!("{e:#}");
+            log_console_tail(dir);
             tracing::error!("{message}");
             cleanup.run(&registry);
             report(&format!("error {message}"));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The state dir goes away with a failed create: keep the end of the guest console in the log.
+fn log_console_tail(dir: &Path) {
+    let Ok(console) = std::fs::read_to_string(dir.join("console.log")) else {
+        return;
+    };
+    let lines: Vec<&str> = console.lines().collect();
+    for line in &lines[lines.len().saturating_sub(20)..] {
+        tracing::info!("guest console: {line}");
     }
 }
 
@@ -259,7 +271,8 @@ fn setup(
         rows,
         cols,
     })?;
-    let answer = client.request(
+    let answer = agent_call(
+        &client,
         Request::CreateContainer {
             id: config.id.clone(),
             spec: bundle.spec.clone(),
@@ -272,7 +285,6 @@ fn setup(
             hosts: None,
             resolv_conf: None,
         },
-        REQUEST_TIMEOUT,
     )?;
     if let ResponseBody::Process { pid } = answer {
         tracing::debug!(
@@ -313,6 +325,13 @@ fn setup(
         execs: Mutex::new(HashMap::new()),
         relay: Mutex::new(Some(relay)),
     })
+}
+
+/// One request to the agent; its error as one line (the client error repeats its source).
+pub fn agent_call(client: &AgentClient, request: Request) -> anyhow::Result<ResponseBody> {
+    client
+        .request(request, REQUEST_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn join_netns(path: &Path) -> anyhow::Result<()> {

@@ -60,7 +60,7 @@ fn handle(monitor: &Monitor, stream: UnixStream) {
 }
 
 fn agent(monitor: &Monitor, request: AgentRequest) -> anyhow::Result<ResponseBody> {
-    Ok(monitor.client.request(request, REQUEST_TIMEOUT)?)
+    super::agent_call(&monitor.client, request)
 }
 
 fn start(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
@@ -170,6 +170,7 @@ fn exec(
     tty: bool,
     mut fds: Vec<OwnedFd>,
 ) {
+    let mut code = None;
     let result = (|| -> anyhow::Result<(String, std::sync::mpsc::Receiver<runv_proto::ExitStatus>, stdio::Relay)> {
         require_status(monitor, &[Status::Running], "exec into")?;
         let host = match (tty, fds.len()) {
@@ -215,19 +216,16 @@ fn exec(
             if let Ok(mut m) = monitor.execs.lock() {
                 m.remove(&exec_id);
             }
-            return Err(e.into());
+            if let runv_proto::client::Error::Agent(a) = &e {
+                code = Some(a.code);
+            }
+            bail!("{e}");
         }
         Ok((exec_id, rx, relay))
     })();
     let (exec_id, rx, relay) = match result {
         Ok(r) => r,
         Err(e) => {
-            let code = e
-                .downcast_ref::<runv_proto::client::Error>()
-                .and_then(|err| match err {
-                    runv_proto::client::Error::Agent(a) => Some(a.code),
-                    _ => None,
-                });
             let _ = control::reply(stream, &Reply::err(format!("{e:#}"), code));
             return;
         }

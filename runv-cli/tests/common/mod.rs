@@ -1,0 +1,291 @@
+//! Helpers for tests that boot real VMs through `runv`: busybox bundles, a private `--root`,
+//! commands with timeouts, and checks that nothing is left behind.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const RUNV: &str = env!("CARGO_BIN_EXE_runv");
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Fails with a clear message when what a VM test needs is missing.
+pub fn require_guest() {
+    let guest = workspace_root().join("target/guest");
+    for f in ["vmlinux", "initrd.img"] {
+        assert!(
+            guest.join(f).exists(),
+            "{} is missing: run `cargo xtask guest` first",
+            guest.join(f).display()
+        );
+    }
+    assert!(
+        Path::new(RUNV)
+            .parent()
+            .unwrap()
+            .join("librunv_driver_qemu.so")
+            .exists(),
+        "the qemu driver plugin is not built: run `cargo build --workspace` first"
+    );
+}
+
+/// A scratch directory with a private state root and bundles; removed on drop, after every
+/// container in it was force-deleted.
+pub struct Env {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+}
+
+impl Env {
+    pub fn new(tag: &str) -> Self {
+        require_guest();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("runv-it-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("state");
+        Env { dir, root }
+    }
+
+    pub fn runv(&self) -> Command {
+        let mut cmd = Command::new(RUNV);
+        cmd.env_remove("RUNV_DRIVER_DIR")
+            .env("RUNV_AGENT_TIMEOUT", "120")
+            .arg("--root")
+            .arg(&self.root);
+        cmd
+    }
+
+    /// A bundle whose container runs `args` with a busybox rootfs.
+    pub fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
+        let bundle = self.dir.join(name);
+        make_busybox_rootfs(&bundle.join("rootfs"));
+        let out = Command::new(RUNV)
+            .args(["spec", "--bundle"])
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "runv spec: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.edit_spec(&bundle, |spec| {
+            spec["process"]["terminal"] = false.into();
+            spec["process"]["args"] = serde_json::json!(args);
+        });
+        bundle
+    }
+
+    pub fn edit_spec(&self, bundle: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+        let path = bundle.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        f(&mut spec);
+        fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    }
+
+    pub fn state(&self, id: &str) -> serde_json::Value {
+        let out = self.run_ok(self.runv().args(["state", id]), 30);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Runs a runv command with a timeout and returns its output.
+    pub fn run(&self, cmd: &mut Command, secs: u64) -> Output {
+        output_with_timeout(cmd, Duration::from_secs(secs))
+    }
+
+    pub fn run_ok(&self, cmd: &mut Command, secs: u64) -> Output {
+        let out = self.run(cmd, secs);
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn container_ids(&self) -> Vec<String> {
+        fs::read_dir(&self.root)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Checks that no container, VM process, mount or state is left.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.container_ids().is_empty(),
+            "state left: {:?}",
+            self.container_ids()
+        );
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(self.dir.to_str().unwrap()),
+            "mounts left under {}",
+            self.dir.display()
+        );
+        assert!(qemu_pids_for(&self.dir).is_empty(), "qemu processes left");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for id in self.container_ids() {
+            let _ = output_with_timeout(
+                Command::new(RUNV)
+                    .arg("--root")
+                    .arg(&self.root)
+                    .args(["delete", "--force", &id]),
+                Duration::from_secs(30),
+            );
+        }
+        for pid in qemu_pids_for(&self.dir) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// qemu processes whose command line mentions `dir`.
+pub fn qemu_pids_for(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("qemu-system") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+pub fn make_busybox_rootfs(rootfs: &Path) {
+    let bin = rootfs.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for d in [
+        "proc", "sys", "dev", "etc", "tmp", "root", "usr/bin", "sbin",
+    ] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is needed: /bin/busybox");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = symlink("busybox", bin.join(applet));
+        }
+    }
+    fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+}
+
+pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    wait_output(child, timeout, &format!("{cmd:?}"))
+}
+
+pub fn wait_output(mut child: Child, timeout: Duration, what: &str) -> Output {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut v);
+        }
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {}s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Waits until `f` is true, or panics after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Env {
+    /// Runs a command whose children may outlive it (create, run -d, exec -d): its stdio goes
+    /// to files, so waiting does not depend on those children closing pipes.
+    pub fn run_files(
+        &self,
+        cmd: &mut Command,
+        secs: u64,
+    ) -> (std::process::ExitStatus, String, String) {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let out_path = self.dir.join(format!("out-{n}"));
+        let err_path = self.dir.join(format!("err-{n}"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path).unwrap())
+            .stderr(fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child, Duration::from_secs(secs), &format!("{cmd:?}"));
+        (
+            out.status,
+            fs::read_to_string(&out_path).unwrap_or_default(),
+            fs::read_to_string(&err_path).unwrap_or_default(),
+        )
+    }
+}

@@ -1,0 +1,306 @@
+//! The runc lifecycle on real VMs (QEMU; TCG on machines without usable KVM).
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::{Env, text, wait_until};
+
+#[test]
+fn run_prints_from_inside_the_vm_and_propagates_exit_codes() {
+    let env = Env::new("run");
+    let bundle = env.bundle("b", &["uname", "-r"]);
+    let out = env.run(
+        env.runv().args(["run", "--bundle"]).arg(&bundle).arg("c1"),
+        180,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let guest_release =
+        fs::read_to_string(common::workspace_root().join("target/guest/kernel.release")).unwrap();
+    let host_release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(text(&out.stdout).trim(), guest_release.trim());
+    assert_ne!(guest_release.trim(), host_release.trim());
+
+    let bundle = env.bundle("b42", &["sh", "-c", "echo out; echo err >&2; exit 42"]);
+    let out = env.run(
+        env.runv().args(["run", "--bundle"]).arg(&bundle).arg("c42"),
+        180,
+    );
+    assert_eq!(out.status.code(), Some(42), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err\n"));
+    env.assert_clean();
+}
+
+#[test]
+fn create_start_state_kill_delete() {
+    let env = Env::new("lifecycle");
+    let bundle = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 143' TERM; echo started; while :; do sleep 0.1; done",
+        ],
+    );
+    let pid_file = env.dir.join("pid");
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("c1"),
+        180,
+    );
+    assert!(status.success(), "create: {err}");
+    let state = env.state("c1");
+    assert_eq!(state["status"], "created");
+    let pid: i64 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(state["pid"], pid);
+    assert_eq!(state["id"], "c1");
+    assert!(state["bundle"].as_str().unwrap().ends_with("/b"));
+
+    // Duplicate id.
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["create", "--bundle"])
+            .arg(&bundle)
+            .arg("c1"),
+        60,
+    );
+    assert!(!status.success());
+    assert!(err.contains("already exists"), "{err}");
+
+    env.run_ok(env.runv().args(["start", "c1"]), 60);
+    assert_eq!(env.state("c1")["status"], "running");
+    let (status, _, err) = env.run_files(env.runv().args(["start", "c1"]), 60);
+    assert!(
+        !status.success() && err.contains("already running"),
+        "{err}"
+    );
+    let (status, _, err) = env.run_files(env.runv().args(["delete", "c1"]), 60);
+    assert!(!status.success() && err.contains("not stopped"), "{err}");
+
+    let out = env.run_ok(env.runv().args(["list"]), 30);
+    assert!(text(&out.stdout).starts_with("ID"));
+    assert!(text(&out.stdout).contains("running"));
+    let out = env.run_ok(env.runv().args(["list", "--format", "json"]), 30);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "c1");
+    let out = env.run_ok(env.runv().args(["list", "-q"]), 30);
+    assert_eq!(text(&out.stdout), "c1\n");
+
+    env.run_ok(env.runv().args(["kill", "c1", "TERM"]), 30);
+    wait_until(60, "the container to stop", || {
+        env.state("c1")["status"] == "stopped"
+    });
+    assert_eq!(env.state("c1")["pid"], 0);
+    env.run_ok(env.runv().args(["delete", "c1"]), 60);
+    env.assert_clean();
+}
+
+#[test]
+fn kill_by_number_and_all_and_the_monitor_status_is_the_containers() {
+    let env = Env::new("kill");
+    let bundle = env.bundle("b", &["sh", "-c", "sleep 1000 & sleep 1000"]);
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("k1"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+    let out = env.run_ok(env.runv().args(["ps", "--format", "json", "k1"]), 30);
+    let pids: Vec<i64> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(pids.len() >= 3, "init, two sleeps: {pids:?}");
+    env.run_ok(env.runv().args(["kill", "--all", "k1", "9"]), 30);
+    wait_until(60, "the container to stop", || {
+        env.state("k1")["status"] == "stopped"
+    });
+    let (status, _, err) = env.run_files(env.runv().args(["kill", "k1", "KILL"]), 30);
+    assert!(!status.success() && err.contains("not running"), "{err}");
+    env.run_ok(env.runv().args(["delete", "k1"]), 60);
+
+    // The monitor (the pid-file process) exits with 128+9 when the init is killed.
+    let bundle = env.bundle("b2", &["sleep", "1000"]);
+    let mut child = env
+        .runv()
+        .args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg("k2")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(120, "k2 to run", || {
+        env.runv()
+            .args(["state", "k2"])
+            .output()
+            .map(|o| text(&o.stdout).contains("\"running\""))
+            .unwrap_or(false)
+    });
+    env.run_ok(env.runv().args(["kill", "k2", "SIGKILL"]), 30);
+    let out = common::wait_output(child_take(&mut child), Duration::from_secs(60), "run k2");
+    assert_eq!(out.status.code(), Some(137));
+    env.assert_clean();
+}
+
+fn child_take(child: &mut std::process::Child) -> std::process::Child {
+    std::mem::replace(child, std::process::Command::new("true").spawn().unwrap())
+}
+
+#[test]
+fn exec_env_cwd_user_exit_codes_and_missing_binaries() {
+    let env = Env::new("exec");
+    let bundle = env.bundle("b", &["sleep", "1000"]);
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("e1"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+
+    let out = env.run(
+        env.runv().args([
+            "exec",
+            "--env",
+            "FOO=bar",
+            "--cwd",
+            "/tmp",
+            "--user",
+            "65534:65534",
+            "e1",
+            "sh",
+            "-c",
+            "echo $FOO $(pwd) $(id -u):$(id -g); exit 3",
+        ]),
+        60,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "bar /tmp 65534:65534\n");
+
+    let out = env.run(env.runv().args(["exec", "e1", "/bin/nope"]), 60);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("exec: \"/bin/nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("no such file or directory"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = env.run(env.runv().args(["exec", "e1", "/etc/passwd"]), 60);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+
+    // --process FILE and --detach --pid-file: the pid file's process exits with the status.
+    let process = env.dir.join("process.json");
+    fs::write(&process, r#"{"args":["sh","-c","sleep 1; exit 5"],"cwd":"/","env":["PATH=/bin"],"user":{"uid":0,"gid":0}}"#).unwrap();
+    let pid_file = env.dir.join("exec.pid");
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["exec", "--detach", "--pid-file"])
+            .arg(&pid_file)
+            .arg("--process")
+            .arg(&process)
+            .arg("e1"),
+        60,
+    );
+    assert!(status.success(), "{err}");
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(60, "the detached exec to end", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+    });
+
+    // ps lists the guest's processes.
+    let out = env.run_ok(env.runv().args(["ps", "e1"]), 30);
+    assert!(
+        text(&out.stdout).contains("sleep 1000"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    env.run_ok(env.runv().args(["delete", "--force", "e1"]), 60);
+    env.assert_clean();
+}
+
+#[test]
+fn pause_freezes_the_workload_and_resume_continues_it() {
+    let env = Env::new("pause");
+    let bundle = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done",
+        ],
+    );
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("p1"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+    // The bundle rootfs is shared into the VM, so the host sees the counter.
+    let counter = bundle.join("rootfs/tmp/counter");
+    let read = || fs::read_to_string(&counter).unwrap_or_default();
+    wait_until(60, "the counter to start", || !read().is_empty());
+    env.run_ok(env.runv().args(["pause", "p1"]), 30);
+    assert_eq!(env.state("p1")["status"], "paused");
+    let frozen = read();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(read(), frozen, "the workload must not run while paused");
+    let (status, _, err) = env.run_files(env.runv().args(["exec", "p1", "true"]), 30);
+    assert!(!status.success() && err.contains("paused"), "{err}");
+    env.run_ok(env.runv().args(["resume", "p1"]), 30);
+    assert_eq!(env.state("p1")["status"], "running");
+    wait_until(30, "the counter to move again", || read() != frozen);
+    env.run_ok(env.runv().args(["delete", "--force", "p1"]), 60);
+    env.assert_clean();
+}
+
+#[test]
+fn overlay_storage_leaves_the_bundle_untouched() {
+    let env = Env::new("overlay");
+    let bundle = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "echo changed > /etc/new-file; rm /bin/true; cat /etc/new-file",
+        ],
+    );
+    let out = env.run(
+        env.runv()
+            .args(["--storage", "overlay", "run", "--bundle"])
+            .arg(&bundle)
+            .arg("o1"),
+        180,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "changed\n");
+    assert!(!bundle.join("rootfs/etc/new-file").exists());
+    assert!(bundle.join("rootfs/bin/true").symlink_metadata().is_ok());
+    env.assert_clean();
+}
