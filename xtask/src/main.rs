@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
 
 mod dist;
+mod guest;
 
 use std::path::PathBuf;
 
@@ -9,6 +10,8 @@ use anyhow::{Context, bail};
 const USAGE: &str = "usage: cargo xtask <task> [args]
 
 tasks:
+  guest [--kernel PATH]
+        build the guest kernel + initrd into target/guest (Debian's kernel when no --kernel)
   dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
         install bin/runv, the chosen plugins under lib/runv and the guest files under
         share/runv (default: every built driver but the example)
@@ -29,6 +32,7 @@ fn run() -> anyhow::Result<()> {
     };
     match task.as_str() {
         "dist" => dist::run(rest),
+        "guest" => guest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
