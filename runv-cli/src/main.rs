@@ -53,7 +53,10 @@ fn main() -> ExitCode {
             if logs_to_file {
                 eprintln!("runv: {message}");
             }
-            ExitCode::FAILURE
+            match e.downcast_ref::<commands::ExitWith>() {
+                Some(exit) => ExitCode::from(exit.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -59,9 +59,11 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
     if let Some(error) = started.error {
         let code = started.code.unwrap_or(1);
         report_ready(ready_fd, &format!("error {code} {error}"));
-        tracing::error!("{error}");
-        eprintln!("runv: {error}");
-        return Ok(ExitCode::from(code.clamp(1, 255) as u8));
+        return Err(super::ExitWith {
+            code: code.clamp(1, 255) as u8,
+            message: error,
+        }
+        .into());
     }
     report_ready(ready_fd, "ok");
     let done = call.next(None)?;
@@ -107,9 +109,11 @@ fn detach(args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
     }
     let rest = message.strip_prefix("error ").unwrap_or(&message);
     let (code, error) = rest.split_once(' ').unwrap_or(("1", rest));
-    eprintln!("runv: {error}");
-    tracing::error!("{error}");
-    Ok(ExitCode::from(code.parse::<u8>().unwrap_or(1).max(1)))
+    Err(super::ExitWith {
+        code: code.parse::<u8>().unwrap_or(1).max(1),
+        message: error.to_string(),
+    }
+    .into())
 }
 
 /// The OCI process to run: `--process FILE`, or the container's process with the command

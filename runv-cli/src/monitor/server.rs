@@ -194,15 +194,8 @@ fn exec(
             .lock()
             .map_err(|_| anyhow::anyhow!("exec table poisoned"))?
             .insert(exec_id.clone(), tx);
-        let (cid, eid) = (monitor.id.clone(), exec_id.clone());
-        let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
-            AgentRequest::WindowSize {
-                container_id: cid.clone(),
-                exec_id: Some(eid.clone()),
-                rows,
-                cols,
-            }
-        })?;
+        // The relay starts once the process exists: output sent before is kept by the client,
+        // and a process that failed to start leaves no relay holding the caller's stdio.
         let answer = monitor.client.request(
             AgentRequest::Exec {
                 container_id: monitor.id.clone(),
@@ -221,6 +214,15 @@ fn exec(
             }
             bail!("{e}");
         }
+        let (cid, eid) = (monitor.id.clone(), exec_id.clone());
+        let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
+            AgentRequest::WindowSize {
+                container_id: cid.clone(),
+                exec_id: Some(eid.clone()),
+                rows,
+                cols,
+            }
+        })?;
         Ok((exec_id, rx, relay))
     })();
     let (exec_id, rx, relay) = match result {
