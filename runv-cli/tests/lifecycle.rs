@@ -108,7 +108,7 @@ fn create_start_state_kill_delete() {
 #[test]
 fn kill_by_number_and_all_and_the_monitor_status_is_the_containers() {
     let env = Env::new("kill");
-    let bundle = env.bundle("b", &["sh", "-c", "sleep 1000 & sleep 1000"]);
+    let bundle = env.bundle("b", &["sh", "-c", "sleep 1000 & sleep 1000; true"]);
     let (status, _, err) = env.run_files(
         env.runv()
             .args(["run", "-d", "--bundle"])
@@ -117,9 +117,11 @@ fn kill_by_number_and_all_and_the_monitor_status_is_the_containers() {
         180,
     );
     assert!(status.success(), "{err}");
-    let out = env.run_ok(env.runv().args(["ps", "--format", "json", "k1"]), 30);
-    let pids: Vec<i64> = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(pids.len() >= 3, "init, two sleeps: {pids:?}");
+    wait_until(30, "sh and its two sleeps", || {
+        let out = env.run_ok(env.runv().args(["ps", "--format", "json", "k1"]), 30);
+        let pids: Vec<i64> = serde_json::from_slice(&out.stdout).unwrap();
+        pids.len() >= 3
+    });
     env.run_ok(env.runv().args(["kill", "--all", "k1", "9"]), 30);
     wait_until(60, "the container to stop", || {
         env.state("k1")["status"] == "stopped"

@@ -73,8 +73,18 @@ pub fn main(dir: &Path) -> ExitCode {
     let mut cleanup = Cleanup::default();
     match setup(&config, dir, &registry, &mut cleanup) {
         Ok(monitor) => {
+            let monitor = Arc::new(monitor);
+            // Subscribe before anything can happen, bind before create returns.
+            let events = monitor.client.subscribe();
+            if let Err(e) = server::spawn(monitor.clone()) {
+                let message = format!("{e:#}");
+                tracing::error!("{message}");
+                report(&format!("error {message}"));
+                shutdown_vm(&monitor);
+                return ExitCode::from(1);
+            }
             report("ok");
-            let code = serve(Arc::new(monitor));
+            let code = serve(monitor, events);
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Err(e) => {
@@ -365,11 +375,7 @@ fn container_stdio(config: &MonitorConfig, bundle: &Bundle) -> anyhow::Result<st
 }
 
 /// Serves the control socket and waits for the container's init to exit. Returns its status.
-fn serve(monitor: Arc<Monitor>) -> i32 {
-    let events = monitor.client.subscribe();
-    if let Err(e) = server::spawn(monitor.clone()) {
-        tracing::error!("control socket: {e:#}");
-    }
+fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32 {
     let status = loop {
         match events.recv_timeout(Duration::from_millis(500)) {
             Ok(Event::ProcessExited {

@@ -84,6 +84,7 @@ impl Env {
         );
         self.edit_spec(&bundle, |spec| {
             spec["process"]["terminal"] = false.into();
+            spec["root"]["readonly"] = false.into();
             spec["process"]["args"] = serde_json::json!(args);
         });
         bundle
