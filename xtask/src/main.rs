@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
 
+mod bench;
 mod dist;
 mod guest;
 
@@ -15,6 +16,8 @@ tasks:
   dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
         install bin/runv, the chosen plugins under lib/runv and the guest files under
         share/runv (default: every built driver but the example)
+  bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build]
+        interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc
 ";
 
 fn main() {
@@ -31,6 +34,7 @@ fn run() -> anyhow::Result<()> {
         bail!("no task given");
     };
     match task.as_str() {
+        "bench" => bench::run(rest),
         "dist" => dist::run(rest),
         "guest" => guest::run(rest),
         "help" | "--help" | "-h" => {

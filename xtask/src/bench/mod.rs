@@ -1,0 +1,1321 @@
+//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build]`: runv's
+//! cold start, exec, throughput and memory on this machine, against a floor (the same qemu,
+//! kernel and memory booting an initrd whose /init powers off at once) and runc. Runs are
+//! interleaved round by round; medians with min/max; ratios paired per round. See BENCHMARKS.md.
+
+mod parse;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use parse::GuestMarks;
+use stats::Summary;
+
+const TARGET_COLD_RATIO: f64 = 1.15;
+const DONE_COLD_RATIO: f64 = 1.5;
+const TARGET_EXEC_MS: f64 = 20.0;
+const TARGET_STDOUT_MIBS: f64 = 100.0;
+const TARGET_OVERHEAD_MIB: f64 = 40.0;
+const STDOUT_MIB: u64 = 256;
+const IDLE_MANY: usize = 10;
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Opts {
+    json: bool,
+    runs: usize,
+    drivers: Option<Vec<String>>,
+    build: bool,
+}
+
+fn parse_opts(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        json: false,
+        runs: 5,
+        drivers: None,
+        build: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--json" => o.json = true,
+            "--no-build" => o.build = false,
+            "--runs" => {
+                o.runs = it
+                    .next()
+                    .context("--runs needs a number")?
+                    .parse()
+                    .context("--runs needs a number")?;
+                if o.runs == 0 {
+                    bail!("--runs must be at least 1");
+                }
+            }
+            "--drivers" => {
+                let v = it.next().context("--drivers needs a list")?;
+                o.drivers = Some(v.split(',').map(str::to_string).collect());
+            }
+            other => bail!("bench: unknown argument {other:?}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Everything the bench made, removed by `Drop` whatever happened.
+struct Env {
+    tmp: PathBuf,
+    root: PathBuf,
+    runc_root: PathBuf,
+    runv: PathBuf,
+    containers: Vec<String>,
+}
+
+impl Env {
+    fn runv(&self) -> Command {
+        let mut c = Command::new(&self.runv);
+        c.arg("--root").arg(&self.root);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn delete_all(&mut self) {
+        for id in std::mem::take(&mut self.containers) {
+            let _ = self
+                .runv()
+                .args(["delete", "--force", &id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.delete_all();
+        // Anything still running with our temp dir on its command line is ours (a floor qemu
+        // or a VM whose monitor died): end it by pid.
+        let tmp = self.tmp.to_string_lossy().to_string();
+        for pid in pids_mentioning(&tmp) {
+            let _ = nix_kill(pid);
+        }
+        // Overlay mounts under the temp dir, deepest first.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let mut under: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| m.starts_with(&tmp))
+                .collect();
+            under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in under {
+                let _ = Command::new("umount").args(["-l", m]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(needle) {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn nix_kill(pid: i32) -> Result<()> {
+    // No libc dependency in xtask: kill(1) by pid.
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()?;
+    Ok(())
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// Waits for a child with a deadline; kills it when the deadline passes.
+fn wait_deadline(child: &mut Child, what: &str) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn ok_or_stderr(st: std::process::ExitStatus, what: &str, err_file: &Path) -> Result<()> {
+    if !st.success() {
+        let err = std::fs::read_to_string(err_file).unwrap_or_default();
+        bail!("{what} failed ({st}): {}", err.trim());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- setup
+
+fn write_bundle(env: &Env, dir: &Path, rootfs: &Path, args: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let st = env
+        .runv()
+        .args(["spec", "--bundle"])
+        .arg(dir)
+        .status()
+        .context("runv spec")?;
+    if !st.success() {
+        bail!("runv spec --bundle {} failed", dir.display());
+    }
+    let path = dir.join("config.json");
+    let mut spec: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = json!(false);
+    spec["process"]["args"] = json!(args);
+    spec["root"] = json!({"path": rootfs, "readonly": false});
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+    Ok(())
+}
+
+fn busybox_rootfs(rootfs: &Path) -> Result<()> {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("busybox not found (apt-get install busybox-static)")?;
+    std::fs::copy(busybox, bin.join("busybox"))?;
+    let list = Command::new(bin.join("busybox")).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    for d in ["proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    Ok(())
+}
+
+/// The floor's initrd: `/init` is a tiny static C program calling reboot(RB_AUTOBOOT) (qemu runs
+/// with -no-reboot, so that ends qemu); busybox-static's `reboot -f` when no C compiler is found.
+fn floor_initrd(dir: &Path) -> Result<(PathBuf, &'static str)> {
+    let tree = dir.join("floor-tree");
+    std::fs::create_dir_all(&tree)?;
+    let src = dir.join("init.c");
+    std::fs::write(
+        &src,
+        "#include <sys/reboot.h>\n#include <unistd.h>\nint main(void){reboot(RB_AUTOBOOT);return 0;}\n",
+    )?;
+    let built = Command::new("cc")
+        .args(["-static", "-Os", "-s", "-o"])
+        .arg(tree.join("init"))
+        .arg(&src)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let kind = if built {
+        "static C reboot(RB_AUTOBOOT)"
+    } else {
+        let bin = tree.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::fs::copy("/bin/busybox", bin.join("busybox")).context("busybox for the floor")?;
+        std::fs::write(
+            tree.join("init"),
+            "#!/bin/busybox sh\nexec /bin/busybox reboot -f\n",
+        )?;
+        Command::new("chmod")
+            .arg("755")
+            .arg(tree.join("init"))
+            .status()?;
+        "busybox reboot -f"
+    };
+    let out = dir.join("floor.cpio");
+    crate::run_cmd(Command::new("sh").current_dir(&tree).arg("-c").arg(format!(
+        "find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 > '{}'",
+        out.display()
+    )))?;
+    Ok((out, kind))
+}
+
+/// The variants the cold-start rounds interleave.
+#[derive(Debug, Clone)]
+enum Variant {
+    Floor {
+        quiet: bool,
+    },
+    Runv {
+        driver: String,
+        storage: Option<String>,
+    },
+    Phases {
+        driver: String,
+    },
+    Runc,
+}
+
+impl Variant {
+    fn label(&self) -> String {
+        match self {
+            Variant::Floor { quiet: false } => "floor: qemu+kernel, /init reboots".into(),
+            Variant::Floor { quiet: true } => "floor, kernel 'quiet'".into(),
+            Variant::Runv {
+                driver,
+                storage: None,
+            } => format!("runv run ({driver})"),
+            Variant::Runv {
+                driver,
+                storage: Some(s),
+            } => format!("runv run ({driver} + {s})"),
+            Variant::Phases { driver } => format!("runv --debug run+delete ({driver}, echo)"),
+            Variant::Runc => "runc run (no VM)".into(),
+        }
+    }
+}
+
+/// What one `runv --debug run --keep` + `delete` showed.
+#[derive(Debug, Default, Clone)]
+struct PhaseSample {
+    /// Named durations in ms, in order.
+    phases: Vec<(String, f64)>,
+    modules: Vec<(String, f64)>,
+    console_bytes: usize,
+}
+
+struct Bench {
+    env: Env,
+    opts: Opts,
+    bundle_true: PathBuf,
+    bundle_echo: PathBuf,
+    bundle_idle: PathBuf,
+    floor_argv: Vec<String>,
+    floor_argv_quiet: Vec<String>,
+    qemu: String,
+    floor_console: PathBuf,
+    seq: usize,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let opts = parse_opts(args)?;
+    let ws = crate::workspace_root()?;
+    if opts.build {
+        eprintln!("bench: cargo build --release --workspace");
+        crate::run_cmd(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&ws)
+                .args(["build", "--quiet", "--release", "--workspace"]),
+        )?;
+    }
+    let release = ws.join("target/release");
+    let runv = release.join("runv");
+    if !runv.exists() {
+        bail!(
+            "{} is missing: cargo build --release --workspace",
+            runv.display()
+        );
+    }
+    let guest = ws.join("target/guest");
+    if !guest.join("initrd.img").exists() {
+        bail!("{} has no guest: cargo xtask guest", guest.display());
+    }
+    // Short: the VM sockets live under it (unix socket paths are limited to 107 bytes).
+    let tmp = PathBuf::from(format!("/tmp/rvb{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let env = Env {
+        root: tmp.join("r"),
+        runc_root: tmp.join("rc"),
+        tmp: tmp.clone(),
+        runv,
+        containers: Vec::new(),
+    };
+    let rootfs = tmp.join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    let mut bench = Bench {
+        bundle_true: tmp.join("bt"),
+        bundle_echo: tmp.join("be"),
+        bundle_idle: tmp.join("bi"),
+        env,
+        opts,
+        floor_argv: Vec::new(),
+        floor_argv_quiet: Vec::new(),
+        qemu: String::new(),
+        floor_console: tmp.join("floor-console.log"),
+        seq: 0,
+    };
+    write_bundle(&bench.env, &bench.bundle_true, &rootfs, &["/bin/true"])?;
+    write_bundle(
+        &bench.env,
+        &bench.bundle_echo,
+        &rootfs,
+        &["/bin/echo", "hi"],
+    )?;
+    write_bundle(
+        &bench.env,
+        &bench.bundle_idle,
+        &rootfs,
+        &["/bin/sleep", "100000"],
+    )?;
+    let report = bench.all(&release, &ws)?;
+    if bench.opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}
+
+impl Bench {
+    fn next_id(&mut self, prefix: &str) -> String {
+        self.seq += 1;
+        format!("{prefix}{}", self.seq)
+    }
+
+    fn drivers(&self, release: &Path) -> Vec<(String, Option<String>)> {
+        if let Some(list) = &self.opts.drivers {
+            return list
+                .iter()
+                .map(|d| match d.split_once('+') {
+                    Some((h, s)) => (h.to_string(), Some(s.to_string())),
+                    None => (d.clone(), None),
+                })
+                .collect();
+        }
+        let names = |prefix: &str| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(release)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    n.strip_prefix(prefix)?
+                        .strip_suffix(".so")
+                        .map(str::to_string)
+                })
+                .filter(|n| n != "example")
+                .collect();
+            v.sort();
+            v
+        };
+        let mut out = Vec::new();
+        for h in names("librunv_driver_") {
+            out.push((h.clone(), None));
+            for s in names("librunv_storage_") {
+                out.push((h.clone(), Some(s)));
+            }
+        }
+        out
+    }
+
+    fn all(&mut self, release: &Path, ws: &Path) -> Result<Value> {
+        let drivers = self.drivers(release);
+        let first = drivers
+            .first()
+            .map(|d| d.0.clone())
+            .context("no hypervisor driver plugin in target/release")?;
+        let mut report = json!({
+            "machine": machine(),
+            "runs": self.opts.runs,
+            "runv": self.env.runv,
+            "kernel_release": std::fs::read_to_string(ws.join("target/guest/kernel.release"))
+                .unwrap_or_default().trim(),
+        });
+
+        // An idle container: the driver's qemu command line, exec, memory of one.
+        eprintln!("bench: idle container, exec, memory");
+        let c0 = self.start_idle(&first)?;
+        let state = read_state(&self.env.root, &c0)?;
+        let hv_log = std::fs::read_to_string(self.env.root.join(&c0).join("hypervisor.log"))?;
+        let line = hv_log
+            .lines()
+            .find_map(|l| l.strip_prefix("runv-driver-qemu: starting "))
+            .context("no qemu command line in hypervisor.log")?;
+        let argv = parse::shell_split(line);
+        let (qemu, driver_args) = argv.split_first().context("empty qemu command line")?;
+        self.qemu = qemu.clone();
+        let (initrd, init_kind) = floor_initrd(&self.env.tmp)?;
+        let console = self.floor_console.to_string_lossy().to_string();
+        self.floor_argv = parse::floor_args(driver_args, &initrd.to_string_lossy(), &console);
+        self.floor_argv_quiet = self.floor_argv.clone();
+        if let Some(i) = self.floor_argv_quiet.iter().position(|a| a == "-append") {
+            self.floor_argv_quiet[i + 1].push_str(" quiet");
+        }
+        report["floor"] = json!({
+            "qemu": qemu, "args": self.floor_argv, "init": init_kind,
+            "driver_command_line": line,
+        });
+        let ram_mib = arg_value(driver_args, "-m")
+            .and_then(|m| m.trim_end_matches(['M', 'm']).parse::<u64>().ok())
+            .unwrap_or(128);
+        std::thread::sleep(Duration::from_secs(2));
+        let mem_avail_kb = meminfo("MemAvailable:");
+        report["memory_one"] = memory(std::slice::from_ref(&state), ram_mib)?;
+
+        report["exec"] = self.exec_bench(&c0)?;
+        report["raw_channel"] = raw_channel(ws);
+
+        eprintln!("bench: {IDLE_MANY} idle containers");
+        let mut states = vec![state];
+        for _ in 1..IDLE_MANY {
+            let id = self.start_idle(&first)?;
+            states.push(read_state(&self.env.root, &id)?);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let mut many = memory(&states, ram_mib)?;
+        let per = many["per_container_total_pss_mib"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let overhead = many["per_container_overhead_pss_mib"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let avail_mib = mem_avail_kb as f64 / 1024.0;
+        many["fit"] = json!({
+            "mem_available_mib": avail_mib,
+            "idle_as_measured": (avail_mib / per).floor(),
+            "guest_ram_fully_touched": (avail_mib / (overhead + ram_mib as f64)).floor(),
+        });
+        report["memory_many"] = many;
+        report["vm_memory_mib"] = json!(ram_mib);
+        self.env.delete_all();
+
+        // Cold starts, interleaved.
+        let mut variants = vec![
+            Variant::Floor { quiet: false },
+            Variant::Floor { quiet: true },
+        ];
+        for (d, s) in &drivers {
+            variants.push(Variant::Runv {
+                driver: d.clone(),
+                storage: s.clone(),
+            });
+        }
+        variants.push(Variant::Phases {
+            driver: first.clone(),
+        });
+        if find_runc().is_some() {
+            variants.push(Variant::Runc);
+        }
+        let runs = self.opts.runs;
+        let mut samples: Vec<Vec<Option<f64>>> = vec![vec![None; runs]; variants.len()];
+        let mut phase_samples = Vec::new();
+        let mut floor_marks = Vec::new();
+        for (round, v) in stats::schedule(variants.len(), runs) {
+            eprintln!("bench: round {}/{runs}: {}", round + 1, variants[v].label());
+            let (secs, extra) = self.cold(&variants[v])?;
+            samples[v][round] = Some(secs);
+            match extra {
+                Extra::Phases(p) => phase_samples.push(p),
+                Extra::Floor(m) => floor_marks.push(m),
+                Extra::None => {}
+            }
+        }
+        let floor = &samples[0];
+        let floor_sum = summary(floor);
+        let mut cold = Vec::new();
+        for (i, v) in variants.iter().enumerate() {
+            let s = summary(&samples[i]);
+            let ratios = stats::summarize(&stats::paired_ratios(&samples[i], floor));
+            let target = matches!(v, Variant::Runv { .. }).then(|| {
+                let r = ratios.map(|r| r.median).unwrap_or(f64::NAN);
+                json!({
+                    "target": format!("<= {TARGET_COLD_RATIO}x floor"),
+                    "met": stats::met(r, TARGET_COLD_RATIO, true),
+                    "done_criterion": format!("<= {DONE_COLD_RATIO}x floor"),
+                    "done_met": stats::met(r, DONE_COLD_RATIO, true),
+                })
+            });
+            cold.push(json!({
+                "variant": v.label(),
+                "seconds": sum_json(s),
+                "samples": samples[i],
+                "ratio_to_floor_paired": sum_json(ratios),
+                "ratio_of_medians": match (s, floor_sum) {
+                    (Some(a), Some(b)) => json!(stats::ratio_of_medians(&a, &b)),
+                    _ => Value::Null,
+                },
+                "target": target,
+            }));
+        }
+        report["cold"] = json!(cold);
+        report["phases"] = phases_json(&phase_samples);
+        report["floor_guest"] = floor_guest_json(&floor_marks);
+        report["nested_kvm"] = json!("skipped: needs the test host (issue 6)");
+        Ok(report)
+    }
+
+    fn start_idle(&mut self, driver: &str) -> Result<String> {
+        let id = self.next_id("idle");
+        let err = self.env.tmp.join(format!("{id}.err"));
+        self.env.containers.push(id.clone());
+        let st = self
+            .env
+            .runv()
+            .args(["--driver", driver, "run", "--detach", "--bundle"])
+            .arg(&self.bundle_idle)
+            .arg(&id)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err)?)
+            .status()?;
+        ok_or_stderr(st, &format!("runv run --detach {id}"), &err)?;
+        Ok(id)
+    }
+
+    fn exec_bench(&mut self, id: &str) -> Result<Value> {
+        let n = (self.opts.runs * 2).max(5);
+        let mut lat = Vec::new();
+        let err = self.env.tmp.join("exec.err");
+        for _ in 0..n {
+            let t = Instant::now();
+            let st = self
+                .env
+                .runv()
+                .args(["exec", id, "/bin/true"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&err)?)
+                .status()?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            ok_or_stderr(st, "runv exec /bin/true", &err)?;
+            lat.push(ms);
+        }
+        let mut rates = Vec::new();
+        let mut transfer_rates = Vec::new();
+        for _ in 0..self.opts.runs.clamp(1, 3) {
+            let t = Instant::now();
+            let mut child = self
+                .env
+                .runv()
+                .args(["exec", id, "/bin/dd", "if=/dev/zero", "bs=1M"])
+                .arg(format!("count={STDOUT_MIB}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut out = child.stdout.take().context("exec stdout")?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            let mut first = None;
+            loop {
+                let k = out.read(&mut buf)?;
+                if k == 0 {
+                    break;
+                }
+                first.get_or_insert_with(Instant::now);
+                total += k as u64;
+            }
+            let end = Instant::now();
+            let st = wait_deadline(&mut child, "runv exec dd")?;
+            if !st.success() || total != STDOUT_MIB << 20 {
+                bail!(
+                    "runv exec dd: {st}, {total} bytes instead of {}",
+                    STDOUT_MIB << 20
+                );
+            }
+            let mib = total as f64 / 1048576.0;
+            rates.push(mib / (end - t).as_secs_f64());
+            if let Some(f) = first {
+                transfer_rates.push(mib / (end - f).as_secs_f64());
+            }
+        }
+        let l = stats::summarize(&lat);
+        let r = stats::summarize(&rates);
+        Ok(json!({
+            "true_ms": sum_json(l),
+            "true_target": format!("< {TARGET_EXEC_MS} ms"),
+            "true_met": l.is_some_and(|l| l.median < TARGET_EXEC_MS),
+            "stdout_mib": STDOUT_MIB,
+            "stdout_mib_per_s": sum_json(r),
+            "stdout_first_byte_to_eof_mib_per_s": sum_json(stats::summarize(&transfer_rates)),
+            "stdout_target": format!(">= {TARGET_STDOUT_MIBS} MiB/s"),
+            "stdout_met": r.is_some_and(|r| stats::met(r.median, TARGET_STDOUT_MIBS, false)),
+        }))
+    }
+
+    fn cold(&mut self, v: &Variant) -> Result<(f64, Extra)> {
+        match v {
+            Variant::Floor { quiet } => {
+                let _ = std::fs::remove_file(&self.floor_console);
+                let argv = if *quiet {
+                    &self.floor_argv_quiet
+                } else {
+                    &self.floor_argv
+                };
+                let err = self.env.tmp.join("floor.err");
+                let t = Instant::now();
+                let mut child = Command::new(&self.qemu)
+                    .args(argv)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&err)?)
+                    .spawn()?;
+                let st = wait_deadline(&mut child, "floor qemu")?;
+                let secs = t.elapsed().as_secs_f64();
+                ok_or_stderr(st, "floor qemu", &err)?;
+                let marks = parse::guest_marks(
+                    &std::fs::read_to_string(&self.floor_console).unwrap_or_default(),
+                );
+                if marks.run_init.is_none() && !quiet {
+                    bail!(
+                        "the floor VM never ran /init (see {})",
+                        self.floor_console.display()
+                    );
+                }
+                Ok((
+                    secs,
+                    if *quiet {
+                        Extra::None
+                    } else {
+                        Extra::Floor((secs, marks))
+                    },
+                ))
+            }
+            Variant::Runv { driver, storage } => {
+                let id = self.next_id("cold");
+                let err = self.env.tmp.join(format!("{id}.err"));
+                self.env.containers.push(id.clone());
+                let mut cmd = self.env.runv();
+                cmd.args(["--driver", driver]);
+                if let Some(s) = storage {
+                    cmd.args(["--storage", s]);
+                }
+                let t = Instant::now();
+                let mut child = cmd
+                    .args(["run", "--bundle"])
+                    .arg(&self.bundle_true)
+                    .arg(&id)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&err)?)
+                    .spawn()?;
+                let st = wait_deadline(&mut child, "runv run")?;
+                let secs = t.elapsed().as_secs_f64();
+                ok_or_stderr(st, &format!("runv run {id}"), &err)?;
+                if self.env.root.join(&id).exists() {
+                    bail!("runv run {id} left its state dir behind");
+                }
+                self.env.containers.retain(|c| c != &id);
+                Ok((secs, Extra::None))
+            }
+            Variant::Phases { driver } => {
+                let (secs, p) = self.phase_run(driver)?;
+                Ok((secs, Extra::Phases(p)))
+            }
+            Variant::Runc => {
+                let id = self.next_id("runc");
+                let err = self.env.tmp.join(format!("{id}.err"));
+                let t = Instant::now();
+                let st = Command::new(find_runc().context("runc")?)
+                    .arg("--root")
+                    .arg(&self.env.runc_root)
+                    .args(["run", "--bundle"])
+                    .arg(&self.bundle_true)
+                    .arg(&id)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&err)?)
+                    .status()?;
+                let secs = t.elapsed().as_secs_f64();
+                ok_or_stderr(st, "runc run", &err)?;
+                Ok((secs, Extra::None))
+            }
+        }
+    }
+
+    /// `runv --debug run --keep` of an `echo` container, then `delete`: the phase marks of the
+    /// JSON log, the guest console, and the host's first read of the container's output.
+    fn phase_run(&mut self, driver: &str) -> Result<(f64, PhaseSample)> {
+        let id = self.next_id("phase");
+        let log = self.env.tmp.join(format!("{id}.log"));
+        let err = self.env.tmp.join(format!("{id}.err"));
+        self.env.containers.push(id.clone());
+        let t0 = now_ns();
+        let start = Instant::now();
+        let mut child = self
+            .env
+            .runv()
+            .args(["--debug", "--log"])
+            .arg(&log)
+            .args([
+                "--log-format",
+                "json",
+                "--driver",
+                driver,
+                "run",
+                "--keep",
+                "--bundle",
+            ])
+            .arg(&self.bundle_echo)
+            .arg(&id)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()?;
+        let mut out = child.stdout.take().context("stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut first = None;
+            while let Ok(k) = out.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                first.get_or_insert_with(now_ns);
+            }
+            first
+        });
+        let st = wait_deadline(&mut child, "runv --debug run")?;
+        let run_exit = now_ns();
+        let first_output = reader.join().ok().flatten();
+        ok_or_stderr(st, &format!("runv run {id}"), &err)?;
+        let console = std::fs::read_to_string(self.env.root.join(&id).join("console.log"))
+            .unwrap_or_default();
+        let d = Instant::now();
+        let st = self
+            .env
+            .runv()
+            .args(["delete", &id])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err)?)
+            .status()?;
+        let delete_ms = d.elapsed().as_secs_f64() * 1e3;
+        ok_or_stderr(st, &format!("runv delete {id}"), &err)?;
+        self.env.containers.retain(|c| c != &id);
+        let secs = start.elapsed().as_secs_f64();
+
+        let mut marks: BTreeMap<String, i128> = BTreeMap::new();
+        for line in std::fs::read_to_string(&log)?.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if let (Some(p), Some(t)) = (v["phase"].as_str(), v["time"].as_str()) {
+                if let Some(ns) = parse::rfc3339_ns(t) {
+                    marks.entry(p.to_string()).or_insert(ns);
+                }
+            }
+        }
+        let g = parse::guest_marks(&console);
+        Ok((
+            secs,
+            phase_sample(t0, &marks, &g, first_output, run_exit, delete_ms),
+        ))
+    }
+}
+
+enum Extra {
+    None,
+    Phases(PhaseSample),
+    Floor((f64, GuestMarks)),
+}
+
+/// Turns one debug run's marks into named phase durations (ms). The host time of the guest
+/// kernel's start is estimated as agent-ready minus the guest clock at "host connected".
+fn phase_sample(
+    t0: i128,
+    marks: &BTreeMap<String, i128>,
+    g: &GuestMarks,
+    first_output: Option<i128>,
+    run_exit: i128,
+    delete_ms: f64,
+) -> PhaseSample {
+    let ms = |a: Option<i128>, b: Option<i128>| match (a, b) {
+        (Some(a), Some(b)) => (b - a) as f64 / 1e6,
+        _ => f64::NAN,
+    };
+    let m = |k: &str| marks.get(k).copied();
+    let anchor = g.host_connected.or(g.channel_open);
+    let kernel_start = match (m("agent-ready"), anchor) {
+        (Some(r), Some(a)) => Some(r - (a * 1e9) as i128),
+        _ => None,
+    };
+    let guest = |s: Option<f64>| match (kernel_start, s) {
+        (Some(k), Some(s)) => Some(k + (s * 1e9) as i128),
+        _ => None,
+    };
+    let mut phases = vec![
+        (
+            "runv CLI → monitor up".to_string(),
+            ms(Some(t0), m("monitor-up")),
+        ),
+        (
+            "monitor up → VMM up (qemu spawned, QMP)".into(),
+            ms(m("monitor-up"), m("vmm-up")),
+        ),
+        (
+            "VMM up → kernel entry (est.)".into(),
+            ms(m("vmm-up"), kernel_start),
+        ),
+    ];
+    if let Some((a, b)) = g.initrd_unpack {
+        phases.push(("  of which initrd unpack (in kernel)".into(), (b - a) * 1e3));
+    }
+    phases.extend([
+        (
+            "kernel entry → Run /init".into(),
+            ms(kernel_start, guest(g.run_init)),
+        ),
+        (
+            "Run /init → agent start".into(),
+            ms(guest(g.run_init), guest(g.agent_start)),
+        ),
+        (
+            "agent: module loading".into(),
+            ms(guest(g.agent_start), guest(g.modules_done)),
+        ),
+        (
+            "agent: modules → channel open".into(),
+            ms(guest(g.modules_done), guest(g.channel_open)),
+        ),
+        (
+            "channel open → agent ready".into(),
+            ms(guest(g.channel_open), m("agent-ready")),
+        ),
+        (
+            "agent ready → container created".into(),
+            ms(m("agent-ready"), m("container-created")),
+        ),
+        (
+            "created → started".into(),
+            ms(m("container-created"), m("container-started")),
+        ),
+        (
+            "started → first output on host".into(),
+            ms(m("container-started"), first_output),
+        ),
+        (
+            "first output → exit seen".into(),
+            ms(first_output, m("container-exited")),
+        ),
+        (
+            "exit → VM stopped".into(),
+            ms(m("container-exited"), m("vm-stopped")),
+        ),
+        (
+            "VM stopped → runv run returns".into(),
+            ms(m("vm-stopped"), Some(run_exit)),
+        ),
+        ("runv delete".into(), delete_ms),
+    ]);
+    PhaseSample {
+        phases,
+        modules: g.modules.clone(),
+        console_bytes: g.console_bytes,
+    }
+}
+
+fn phases_json(samples: &[PhaseSample]) -> Value {
+    let Some(first) = samples.first() else {
+        return Value::Null;
+    };
+    let mut phases = Vec::new();
+    for (i, (name, _)) in first.phases.iter().enumerate() {
+        let xs: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.phases.get(i).map(|p| p.1))
+            .collect();
+        phases.push(json!({"phase": name, "ms": sum_json(stats::summarize(&xs))}));
+    }
+    let mut modules = Vec::new();
+    for (i, (name, _)) in first.modules.iter().enumerate() {
+        let xs: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.modules.get(i).filter(|m| &m.0 == name).map(|m| m.1))
+            .collect();
+        modules.push(json!({"module": name, "ms": sum_json(stats::summarize(&xs))}));
+    }
+    let bytes: Vec<f64> = samples.iter().map(|s| s.console_bytes as f64).collect();
+    json!({
+        "runs": samples.len(),
+        "phases": phases,
+        "modules": modules,
+        "console_bytes": sum_json(stats::summarize(&bytes)),
+    })
+}
+
+fn floor_guest_json(marks: &[(f64, GuestMarks)]) -> Value {
+    let run_init: Vec<f64> = marks
+        .iter()
+        .filter_map(|(_, m)| m.run_init.map(|t| t * 1e3))
+        .collect();
+    let host_minus_guest: Vec<f64> = marks
+        .iter()
+        .filter_map(|(s, m)| m.last.map(|l| s * 1e3 - l * 1e3))
+        .collect();
+    let bytes: Vec<f64> = marks.iter().map(|(_, m)| m.console_bytes as f64).collect();
+    json!({
+        "kernel_to_run_init_ms": sum_json(stats::summarize(&run_init)),
+        "wall_minus_guest_clock_ms": sum_json(stats::summarize(&host_minus_guest)),
+        "console_bytes": sum_json(stats::summarize(&bytes)),
+    })
+}
+
+// ---------------------------------------------------------------- memory
+
+#[derive(Debug, Clone)]
+struct ContainerPids {
+    monitor: i32,
+    vmm: Vec<i32>,
+}
+
+fn read_state(root: &Path, id: &str) -> Result<ContainerPids> {
+    let v: Value = serde_json::from_slice(&std::fs::read(root.join(id).join("state.json"))?)?;
+    Ok(ContainerPids {
+        monitor: v["pid"].as_i64().context("state.pid")? as i32,
+        vmm: v["runv"]["vm_pids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_i64())
+                    .map(|p| p as i32)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+fn memory(containers: &[ContainerPids], ram_mib: u64) -> Result<Value> {
+    let (mut mon, mut vmm, mut ram) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
+    for c in containers {
+        let r = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.monitor))?;
+        let (rss, pss) = parse::rollup_rss_pss(&r);
+        mon.0 += rss;
+        mon.1 += pss;
+        for p in &c.vmm {
+            let r = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))?;
+            let (rss, pss) = parse::rollup_rss_pss(&r);
+            let smaps = std::fs::read_to_string(format!("/proc/{p}/smaps"))?;
+            let (grss, gpss) = parse::guest_ram_rss_pss(&smaps, ram_mib * 1024).unwrap_or((0, 0));
+            vmm.0 += rss - grss;
+            vmm.1 += pss - gpss;
+            ram.0 += grss;
+            ram.1 += gpss;
+        }
+    }
+    let n = containers.len().max(1) as f64;
+    let mib = |kb: u64| kb as f64 / 1024.0 / n;
+    let overhead = mib(mon.1) + mib(vmm.1);
+    Ok(json!({
+        "containers": containers.len(),
+        "per_container_mib": {
+            "monitor_rss": mib(mon.0), "monitor_pss": mib(mon.1),
+            "vmm_rss_excl_guest_ram": mib(vmm.0), "vmm_pss_excl_guest_ram": mib(vmm.1),
+            "guest_ram_rss": mib(ram.0), "guest_ram_pss": mib(ram.1),
+        },
+        "per_container_overhead_pss_mib": overhead,
+        "per_container_overhead_rss_mib": mib(mon.0) + mib(vmm.0),
+        "per_container_total_pss_mib": overhead + mib(ram.1),
+        "overhead_target": format!("< {TARGET_OVERHEAD_MIB} MiB (monitor + VMM, PSS)"),
+        "overhead_met": overhead < TARGET_OVERHEAD_MIB,
+    }))
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- misc
+
+/// runv-proto's Mux over a socketpair, without the agent or a VM: the protocol crate's own
+/// throughput test, built with the release profile (the xtask binary itself is a debug build).
+fn raw_channel(ws: &Path) -> Value {
+    eprintln!("bench: raw channel (runv-proto Mux over a socketpair, release test)");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(ws)
+        .args([
+            "test",
+            "--quiet",
+            "--release",
+            "-p",
+            "runv-proto",
+            "--test",
+            "flow",
+            "throughput_over_socketpair",
+            "--",
+            "--exact",
+            "--nocapture",
+        ])
+        .stdin(Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        return json!({"error": "cargo test did not run"});
+    };
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let rate = text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("throughput: ")?
+            .strip_suffix(" MiB/s")?
+            .parse::<f64>()
+            .ok()
+    });
+    json!({
+        "what": "runv-proto Mux over a unix socketpair, 64 MiB, release (runv-proto/tests/flow.rs)",
+        "mib_per_s": rate,
+    })
+}
+
+fn find_runc() -> Option<PathBuf> {
+    [
+        "/usr/sbin/runc",
+        "/usr/bin/runc",
+        "/usr/local/sbin/runc",
+        "/usr/local/bin/runc",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    json!({
+        "cpu": model,
+        "cpus": cpus,
+        "mem_total_mib": meminfo("MemTotal:") / 1024,
+    })
+}
+
+fn summary(xs: &[Option<f64>]) -> Option<Summary> {
+    let v: Vec<f64> = xs.iter().flatten().copied().collect();
+    stats::summarize(&v)
+}
+
+fn sum_json(s: Option<Summary>) -> Value {
+    match s {
+        Some(s) => json!({"median": s.median, "min": s.min, "max": s.max, "n": s.n}),
+        None => Value::Null,
+    }
+}
+
+// ---------------------------------------------------------------- table
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn met_word(b: &Value) -> &'static str {
+    match b.as_bool() {
+        Some(true) => "met",
+        Some(false) => "missed",
+        None => "-",
+    }
+}
+
+fn table(r: &Value) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let m = &r["machine"];
+    let _ = writeln!(
+        s,
+        "runv bench: {} runs interleaved; {} ({} CPUs, {} MiB); guest kernel {}; VM {} MiB",
+        r["runs"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cpus"],
+        m["mem_total_mib"],
+        r["kernel_release"].as_str().unwrap_or("?"),
+        r["vm_memory_mib"],
+    );
+    let _ = writeln!(
+        s,
+        "floor: {} {}  (init: {})\n",
+        r["floor"]["qemu"].as_str().unwrap_or(""),
+        r["floor"]["args"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default(),
+        r["floor"]["init"].as_str().unwrap_or(""),
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8} {:>8} {:>8} {:>18}  target",
+        "1-3. cold start (s, spawn → exit+delete)", "median", "min", "max", "× floor [min-max]"
+    );
+    for c in r["cold"].as_array().into_iter().flatten() {
+        let sec = &c["seconds"];
+        let ratio = &c["ratio_to_floor_paired"];
+        let target = if c["target"].is_null() {
+            String::new()
+        } else {
+            format!(
+                "≤{TARGET_COLD_RATIO}×: {}; done ≤{DONE_COLD_RATIO}×: {}",
+                met_word(&c["target"]["met"]),
+                met_word(&c["target"]["done_met"])
+            )
+        };
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.3} {:>8.3} {:>8.3} {:>6.2} [{:.2}-{:.2}]  {}",
+            c["variant"].as_str().unwrap_or(""),
+            f(&sec["median"]),
+            f(&sec["min"]),
+            f(&sec["max"]),
+            f(&ratio["median"]),
+            f(&ratio["min"]),
+            f(&ratio["max"]),
+            target
+        );
+    }
+    let fg = &r["floor_guest"];
+    let _ = writeln!(
+        s,
+        "  floor guest: kernel entry → Run /init {:.0} ms; wall − guest clock (qemu start + exit) {:.0} ms; console {:.0} bytes",
+        f(&fg["kernel_to_run_init_ms"]["median"]),
+        f(&fg["wall_minus_guest_clock_ms"]["median"]),
+        f(&fg["console_bytes"]["median"]),
+    );
+
+    let p = &r["phases"];
+    let _ = writeln!(
+        s,
+        "\n4. phases of a cold start (runv --debug run --keep + delete, {} runs; ms)",
+        p["runs"]
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8} {:>8} {:>8}",
+        "phase", "median", "min", "max"
+    );
+    for ph in p["phases"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            ph["phase"].as_str().unwrap_or(""),
+            f(&ph["ms"]["median"]),
+            f(&ph["ms"]["min"]),
+            f(&ph["ms"]["max"])
+        );
+    }
+    let mods: Vec<String> = p["modules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{} {:.0}",
+                m["module"].as_str().unwrap_or(""),
+                f(&m["ms"]["median"])
+            )
+        })
+        .collect();
+    let _ = writeln!(s, "  modules (ms, median): {}", mods.join(", "));
+    let _ = writeln!(
+        s,
+        "  guest console: {:.0} bytes per boot",
+        f(&p["console_bytes"]["median"])
+    );
+
+    let e = &r["exec"];
+    let _ = writeln!(
+        s,
+        "\n5. exec{:<39} {:>8} {:>8} {:>8}  target",
+        "", "median", "min", "max"
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+        "runv exec /bin/true (ms)",
+        f(&e["true_ms"]["median"]),
+        f(&e["true_ms"]["min"]),
+        f(&e["true_ms"]["max"]),
+        e["true_target"].as_str().unwrap_or(""),
+        met_word(&e["true_met"])
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+        format!("runv exec dd {STDOUT_MIB} MiB → host (MiB/s)"),
+        f(&e["stdout_mib_per_s"]["median"]),
+        f(&e["stdout_mib_per_s"]["min"]),
+        f(&e["stdout_mib_per_s"]["max"]),
+        e["stdout_target"].as_str().unwrap_or(""),
+        met_word(&e["stdout_met"])
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8.1}",
+        "raw channel: runv-proto Mux, socketpair (MiB/s)",
+        f(&r["raw_channel"]["mib_per_s"])
+    );
+
+    let _ = writeln!(
+        s,
+        "\n6. memory per idle container (MiB){:<10} {:>8} {:>8} {:>8} {:>9} {:>9}  target",
+        "", "mon RSS", "mon PSS", "qemu RSS", "qemu PSS", "guest RSS"
+    );
+    for key in ["memory_one", "memory_many"] {
+        let mm = &r[key];
+        let pc = &mm["per_container_mib"];
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1}  overhead PSS {:.1} {}: {}",
+            format!("{} running (per container)", mm["containers"]),
+            f(&pc["monitor_rss"]),
+            f(&pc["monitor_pss"]),
+            f(&pc["vmm_rss_excl_guest_ram"]),
+            f(&pc["vmm_pss_excl_guest_ram"]),
+            f(&pc["guest_ram_rss"]),
+            f(&mm["per_container_overhead_pss_mib"]),
+            mm["overhead_target"].as_str().unwrap_or(""),
+            met_word(&mm["overhead_met"])
+        );
+    }
+    let fit = &r["memory_many"]["fit"];
+    let _ = writeln!(
+        s,
+        "  fit in {:.0} MiB available: {:.0} idle containers as measured; {:.0} if every guest touches all {} MiB",
+        f(&fit["mem_available_mib"]),
+        f(&fit["idle_as_measured"]),
+        f(&fit["guest_ram_fully_touched"]),
+        r["vm_memory_mib"]
+    );
+    let _ = writeln!(
+        s,
+        "\n7. nested KVM: {}",
+        r["nested_kvm"].as_str().unwrap_or("")
+    );
+    s
+}
