@@ -183,7 +183,13 @@ fn ok_or_stderr(st: std::process::ExitStatus, what: &str, err_file: &Path) -> Re
 
 // ---------------------------------------------------------------- setup
 
-fn write_bundle(env: &Env, dir: &Path, rootfs: &Path, args: &[&str]) -> Result<()> {
+fn write_bundle(
+    env: &Env,
+    dir: &Path,
+    rootfs: &Path,
+    args: &[&str],
+    kernel_params: &[&str],
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let st = env
         .runv()
@@ -199,6 +205,9 @@ fn write_bundle(env: &Env, dir: &Path, rootfs: &Path, args: &[&str]) -> Result<(
     spec["process"]["terminal"] = json!(false);
     spec["process"]["args"] = json!(args);
     spec["root"] = json!({"path": rootfs, "readonly": false});
+    if !kernel_params.is_empty() {
+        spec["vm"] = json!({"kernel": {"parameters": kernel_params}});
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
     Ok(())
 }
@@ -369,18 +378,22 @@ pub fn run(args: &[String]) -> Result<()> {
         floor_console: tmp.join("floor-console.log"),
         seq: 0,
     };
-    write_bundle(&bench.env, &bench.bundle_true, &rootfs, &["/bin/true"])?;
+    write_bundle(&bench.env, &bench.bundle_true, &rootfs, &["/bin/true"], &[])?;
     write_bundle(
         &bench.env,
         &bench.bundle_echo,
         &rootfs,
         &["/bin/echo", "hi"],
+        // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s: without this the
+        // agent's later debug lines (channel open, ...) never reach the console.
+        &["printk.devkmsg=on"],
     )?;
     write_bundle(
         &bench.env,
         &bench.bundle_idle,
         &rootfs,
         &["/bin/sleep", "100000"],
+        &[],
     )?;
     let report = bench.all(&release, &ws)?;
     if bench.opts.json {
@@ -470,12 +483,13 @@ impl Bench {
             "qemu": qemu, "args": self.floor_argv, "init": init_kind,
             "driver_command_line": line,
         });
+        let kernel = arg_value(driver_args, "-kernel").unwrap_or("").to_string();
         let ram_mib = arg_value(driver_args, "-m")
             .and_then(|m| m.trim_end_matches(['M', 'm']).parse::<u64>().ok())
             .unwrap_or(128);
         std::thread::sleep(Duration::from_secs(2));
         let mem_avail_kb = meminfo("MemAvailable:");
-        report["memory_one"] = memory(std::slice::from_ref(&state), ram_mib)?;
+        report["memory_one"] = memory(std::slice::from_ref(&state), ram_mib, &kernel)?;
 
         report["exec"] = self.exec_bench(&c0)?;
         report["raw_channel"] = raw_channel(ws);
@@ -487,7 +501,7 @@ impl Bench {
             states.push(read_state(&self.env.root, &id)?);
         }
         std::thread::sleep(Duration::from_secs(2));
-        let mut many = memory(&states, ram_mib)?;
+        let mut many = memory(&states, ram_mib, &kernel)?;
         let per = many["per_container_total_pss_mib"]
             .as_f64()
             .unwrap_or(f64::NAN);
@@ -641,12 +655,47 @@ impl Bench {
                 transfer_rates.push(mib / (end - f).as_secs_f64());
             }
         }
+        // What the CLI costs by itself (a query that talks to no VM), and what the guest can
+        // push through dd alone (to /dev/null, no stdio relay): the two ends of the exec path.
+        let mut cli = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            let st = self
+                .env
+                .runv()
+                .args(["state", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if st.success() {
+                cli.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let mut guest_rates = Vec::new();
+        for _ in 0..self.opts.runs.clamp(1, 3) {
+            let t = Instant::now();
+            let st = self
+                .env
+                .runv()
+                .args(["exec", id, "/bin/sh", "-c"])
+                .arg(format!(
+                    "dd if=/dev/zero of=/dev/null bs=1M count={STDOUT_MIB} 2>/dev/null"
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if st.success() {
+                guest_rates.push(STDOUT_MIB as f64 / t.elapsed().as_secs_f64());
+            }
+        }
         let l = stats::summarize(&lat);
         let r = stats::summarize(&rates);
         Ok(json!({
             "true_ms": sum_json(l),
             "true_target": format!("< {TARGET_EXEC_MS} ms"),
             "true_met": l.is_some_and(|l| l.median < TARGET_EXEC_MS),
+            "cli_state_ms": sum_json(stats::summarize(&cli)),
+            "guest_dd_to_null_mib_per_s": sum_json(stats::summarize(&guest_rates)),
             "stdout_mib": STDOUT_MIB,
             "stdout_mib_per_s": sum_json(r),
             "stdout_first_byte_to_eof_mib_per_s": sum_json(stats::summarize(&transfer_rates)),
@@ -843,7 +892,7 @@ fn phase_sample(
         _ => f64::NAN,
     };
     let m = |k: &str| marks.get(k).copied();
-    let anchor = g.host_connected.or(g.channel_open);
+    let anchor = g.channel_open.or(g.host_connected);
     let kernel_start = match (m("agent-ready"), anchor) {
         (Some(r), Some(a)) => Some(r - (a * 1e9) as i128),
         _ => None,
@@ -993,8 +1042,9 @@ fn read_state(root: &Path, id: &str) -> Result<ContainerPids> {
     })
 }
 
-fn memory(containers: &[ContainerPids], ram_mib: u64) -> Result<Value> {
+fn memory(containers: &[ContainerPids], ram_mib: u64, kernel: &str) -> Result<Value> {
     let (mut mon, mut vmm, mut ram) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
+    let (mut tcg, mut kimg) = ((0u64, 0u64), (0u64, 0u64));
     for c in containers {
         let r = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.monitor))?;
         let (rss, pss) = parse::rollup_rss_pss(&r);
@@ -1004,11 +1054,15 @@ fn memory(containers: &[ContainerPids], ram_mib: u64) -> Result<Value> {
             let r = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))?;
             let (rss, pss) = parse::rollup_rss_pss(&r);
             let smaps = std::fs::read_to_string(format!("/proc/{p}/smaps"))?;
-            let (grss, gpss) = parse::guest_ram_rss_pss(&smaps, ram_mib * 1024).unwrap_or((0, 0));
-            vmm.0 += rss - grss;
-            vmm.1 += pss - gpss;
-            ram.0 += grss;
-            ram.1 += gpss;
+            let m = parse::qemu_maps(&smaps, ram_mib * 1024, kernel);
+            vmm.0 += rss.saturating_sub(m.guest_ram.0);
+            vmm.1 += pss.saturating_sub(m.guest_ram.1);
+            ram.0 += m.guest_ram.0;
+            ram.1 += m.guest_ram.1;
+            tcg.0 += m.code_cache.0;
+            tcg.1 += m.code_cache.1;
+            kimg.0 += m.kernel_image.0;
+            kimg.1 += m.kernel_image.1;
         }
     }
     let n = containers.len().max(1) as f64;
@@ -1020,6 +1074,8 @@ fn memory(containers: &[ContainerPids], ram_mib: u64) -> Result<Value> {
             "monitor_rss": mib(mon.0), "monitor_pss": mib(mon.1),
             "vmm_rss_excl_guest_ram": mib(vmm.0), "vmm_pss_excl_guest_ram": mib(vmm.1),
             "guest_ram_rss": mib(ram.0), "guest_ram_pss": mib(ram.1),
+            "vmm_tcg_code_cache_rss": mib(tcg.0), "vmm_tcg_code_cache_pss": mib(tcg.1),
+            "vmm_kernel_image_copy_rss": mib(kimg.0), "vmm_kernel_image_copy_pss": mib(kimg.1),
         },
         "per_container_overhead_pss_mib": overhead,
         "per_container_overhead_rss_mib": mib(mon.0) + mib(vmm.0),
@@ -1276,6 +1332,22 @@ fn table(r: &Value) -> String {
     );
     let _ = writeln!(
         s,
+        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+        "  runv state (CLI alone, ms)",
+        f(&e["cli_state_ms"]["median"]),
+        f(&e["cli_state_ms"]["min"]),
+        f(&e["cli_state_ms"]["max"]),
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+        "  guest dd → /dev/null, no relay (MiB/s)",
+        f(&e["guest_dd_to_null_mib_per_s"]["median"]),
+        f(&e["guest_dd_to_null_mib_per_s"]["min"]),
+        f(&e["guest_dd_to_null_mib_per_s"]["max"]),
+    );
+    let _ = writeln!(
+        s,
         "{:<44} {:>8.1}",
         "raw channel: runv-proto Mux, socketpair (MiB/s)",
         f(&r["raw_channel"]["mib_per_s"])
@@ -1303,6 +1375,13 @@ fn table(r: &Value) -> String {
             met_word(&mm["overhead_met"])
         );
     }
+    let pc = &r["memory_many"]["per_container_mib"];
+    let _ = writeln!(
+        s,
+        "  inside qemu (RSS per container): TCG code cache {:.1}, private copy of the -kernel image {:.1}",
+        f(&pc["vmm_tcg_code_cache_rss"]),
+        f(&pc["vmm_kernel_image_copy_rss"]),
+    );
     let fit = &r["memory_many"]["fit"];
     let _ = writeln!(
         s,

@@ -218,46 +218,76 @@ pub fn rollup_rss_pss(text: &str) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
-/// Rss and Pss (kB) of the guest RAM in a qemu `/proc/PID/smaps` text: the largest anonymous
-/// mapping of at least `ram_kb` (QEMU allocates guest RAM as one such mapping).
-pub fn guest_ram_rss_pss(smaps: &str, ram_kb: u64) -> Option<(u64, u64)> {
-    let mut best: Option<(u64, u64, u64)> = None;
-    let mut cur: Option<(u64, bool)> = None; // (size kB, anonymous)
-    let mut rss = 0;
-    let mut finish = |cur: Option<(u64, bool)>, rss: u64, pss: u64| {
-        if let Some((size, true)) = cur {
-            if size >= ram_kb && best.is_none_or(|b| size > b.0) {
-                best = Some((size, rss, pss));
-            }
-        }
+/// Rss/Pss (kB) of the parts of a qemu process that matter, from its `/proc/PID/smaps`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct QemuMaps {
+    /// Guest RAM: the anonymous, non-executable mapping closest in size to (and at least) the
+    /// VM's memory.
+    pub guest_ram: (u64, u64),
+    /// TCG's translated-code buffer: anonymous executable mappings (none under KVM).
+    pub code_cache: (u64, u64),
+    /// qemu's private copy of the kernel image it loaded (`-kernel` file mapped private).
+    pub kernel_image: (u64, u64),
+}
+
+pub fn qemu_maps(smaps: &str, ram_kb: u64, kernel: &str) -> QemuMaps {
+    struct Map {
+        size: u64,
+        rss: u64,
+        pss: u64,
+        exec: bool,
+        path: Option<String>,
+    }
+    let mut maps: Vec<Map> = Vec::new();
+    let kb = |v: &str| {
+        v.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
     };
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
         if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             // A mapping header: "addr-addr perms offset dev inode [path]".
-            let path = line.split_whitespace().nth(5);
-            cur = Some((0, path.is_none()));
-            rss = 0;
-            continue;
-        }
-        let kb = |v: &str| {
-            v.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-        };
-        if let Some(v) = line.strip_prefix("Size:") {
-            if let Some(c) = cur.as_mut() {
-                c.0 = kb(v);
+            let perms = words.next().unwrap_or("");
+            maps.push(Map {
+                size: 0,
+                rss: 0,
+                pss: 0,
+                exec: perms.contains('x'),
+                path: words.nth(3).map(str::to_string),
+            });
+        } else if let Some(m) = maps.last_mut() {
+            if let Some(v) = line.strip_prefix("Size:") {
+                m.size = kb(v);
+            } else if let Some(v) = line.strip_prefix("Rss:") {
+                m.rss = kb(v);
+            } else if let Some(v) = line.strip_prefix("Pss:") {
+                m.pss = kb(v);
             }
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            rss = kb(v);
-        } else if let Some(v) = line.strip_prefix("Pss:") {
-            finish(cur.take(), rss, kb(v));
         }
     }
-    best.map(|(_, r, p)| (r, p))
+    let mut out = QemuMaps::default();
+    if let Some(ram) = maps
+        .iter()
+        .filter(|m| m.path.is_none() && !m.exec && m.size >= ram_kb)
+        .min_by_key(|m| m.size)
+    {
+        out.guest_ram = (ram.rss, ram.pss);
+    }
+    for m in &maps {
+        if m.path.is_none() && m.exec {
+            out.code_cache.0 += m.rss;
+            out.code_cache.1 += m.pss;
+        }
+        if !kernel.is_empty() && m.path.as_deref() == Some(kernel) {
+            out.kernel_image.0 += m.rss;
+            out.kernel_image.1 += m.pss;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -328,7 +358,20 @@ mod tests {
                  Size: 131072 kB\nRss: 20000 kB\nPss: 20000 kB\n\
                  7f1000000000-7f1000100000 rw-p 00000000 00:00 0\n\
                  Size: 1024 kB\nRss: 10 kB\nPss: 10 kB\n";
-        assert_eq!(guest_ram_rss_pss(s, 131072), Some((20000, 20000)));
-        assert_eq!(guest_ram_rss_pss(s, 262144), None);
+        let m = qemu_maps(s, 131072, "/usr/bin/qemu");
+        assert_eq!(m.guest_ram, (20000, 20000));
+        assert_eq!(m.code_cache, (0, 0));
+        assert_eq!(m.kernel_image, (900, 300));
+        let big = format!(
+            "{s}7f2000000000-7f2040000000 rwxp 00000000 00:00 0\nSize: 1048576 kB\nRss: 5000 kB\nPss: 5000 kB\n"
+        );
+        let m = qemu_maps(&big, 131072, "");
+        assert_eq!(
+            m.guest_ram,
+            (20000, 20000),
+            "the bigger code buffer is not guest RAM"
+        );
+        assert_eq!(m.code_cache, (5000, 5000));
+        assert_eq!(qemu_maps(s, 262144, "").guest_ram, (0, 0));
     }
 }
