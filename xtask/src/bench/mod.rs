@@ -206,7 +206,13 @@ fn write_bundle(
     spec["process"]["args"] = json!(args);
     spec["root"] = json!({"path": rootfs, "readonly": false});
     if !kernel_params.is_empty() {
-        spec["vm"] = json!({"kernel": {"parameters": kernel_params}});
+        // The OCI `vm` section needs the kernel's path: the guest runv uses by default.
+        let guest = crate::workspace_root()?.join("target/guest");
+        spec["vm"] = json!({"kernel": {
+            "path": guest.join("vmlinux"),
+            "initrd": guest.join("initrd.img"),
+            "parameters": kernel_params,
+        }});
     }
     std::fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
     Ok(())
@@ -1378,9 +1384,11 @@ fn table(r: &Value) -> String {
     let pc = &r["memory_many"]["per_container_mib"];
     let _ = writeln!(
         s,
-        "  inside qemu (RSS per container): TCG code cache {:.1}, private copy of the -kernel image {:.1}",
+        "  inside qemu, RSS/PSS per container: TCG code cache {:.1}/{:.1}, qemu's copy of the -kernel image {:.1}/{:.1}",
         f(&pc["vmm_tcg_code_cache_rss"]),
+        f(&pc["vmm_tcg_code_cache_pss"]),
         f(&pc["vmm_kernel_image_copy_rss"]),
+        f(&pc["vmm_kernel_image_copy_pss"]),
     );
     let fit = &r["memory_many"]["fit"];
     let _ = writeln!(
