@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -91,10 +91,39 @@ impl Call {
     }
 }
 
+/// Longest path a unix socket address holds (sun_path less its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// A path to `dir/name` short enough for a unix socket address. Engines use 64-character ids
+/// under long roots (docker: `/run/docker/runtime-runc/moby/<id>`), past the 107-byte limit;
+/// then the path goes through an `O_PATH` fd on `dir`: `/proc/<pid>/fd/<n>/name`, usable by
+/// this process and (with `/proc/<pid>`) by its children. Keep the fd while the path is used.
+pub fn short_socket_path(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, Option<OwnedFd>)> {
+    let path = dir.join(name);
+    if path.as_os_str().len() <= SUN_PATH_MAX - 16 {
+        return Ok((path, None));
+    }
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: open returned a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let short = PathBuf::from(format!(
+        "/proc/{}/fd/{}/{name}",
+        std::process::id(),
+        fd.as_raw_fd()
+    ));
+    Ok((short, Some(fd)))
+}
+
 /// Sends `request` (with `fds`) to the monitor of the container in `dir`.
 pub fn send(dir: &Path, request: &Request, fds: &[RawFd]) -> anyhow::Result<Call> {
     let path = dir.join(CONTROL_SOCKET);
-    let stream = UnixStream::connect(&path).with_context(|| {
+    let (short, _dir_fd) = short_socket_path(dir, CONTROL_SOCKET)?;
+    let stream = UnixStream::connect(&short).with_context(|| {
         format!(
             "connecting to the container's monitor at {}",
             path.display()

@@ -206,6 +206,11 @@ fn setup(
 
     let vm_dir = dir.join("vm");
     std::fs::create_dir_all(&vm_dir)?;
+    // The VMM binds its sockets there: go through a short alias when the path is too long
+    // (the fd stays open for the monitor's life; the VMM reaches it via /proc/<pid>/fd).
+    let (vm_sock, vm_dir_fd) = crate::control::short_socket_path(&vm_dir, "agent.sock")?;
+    let vm_dir = vm_sock.parent().map(Path::to_path_buf).unwrap_or(vm_dir);
+    std::mem::forget(vm_dir_fd);
     let mut vm_config = VmConfig {
         version: runv_api::VM_CONFIG_VERSION,
         name: config.id.clone(),

@@ -21,7 +21,8 @@ use crate::state::{CONTROL_SOCKET, Status};
 pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
     let path = monitor.dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
+    let (short, _dir_fd) = control::short_socket_path(&monitor.dir, CONTROL_SOCKET)?;
+    let listener = UnixListener::bind(&short)
         .with_context(|| format!("binding control socket {}", path.display()))?;
     thread::spawn(move || {
         for stream in listener.incoming() {

@@ -114,12 +114,14 @@ fn watch_size(
         while !done.load(Ordering::SeqCst) && client.disconnected().is_none() {
             let size = console::window_size(&tty);
             if size != last {
-                if let Some((rows, cols)) = size.filter(|(r, c)| *r > 0 && *c > 0) {
-                    if let Err(e) = client.request(resize(rows, cols), Duration::from_secs(5)) {
-                        tracing::debug!("window size on fd {}: {e}", tty.as_raw_fd());
-                    }
+                match size.filter(|(r, c)| *r > 0 && *c > 0) {
+                    // Until the process exists in the guest the request fails; try again then.
+                    Some((rows, cols)) => match client.request(resize(rows, cols), Duration::from_secs(5)) {
+                        Ok(_) => last = size,
+                        Err(e) => tracing::debug!("window size on fd {}: {e}", tty.as_raw_fd()),
+                    },
+                    None => last = size,
                 }
-                last = size;
             }
             thread::sleep(Duration::from_millis(200));
         }
