@@ -11,6 +11,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== build"
 cargo build --workspace --quiet
+cargo xtask guest
 
 echo "== tests"
 cargo test --workspace --no-fail-fast

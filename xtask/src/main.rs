@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
 
 mod bench;
+mod demo;
 mod dist;
 mod guest;
 
@@ -11,6 +12,7 @@ use anyhow::{Context, bail};
 const USAGE: &str = "usage: cargo xtask <task> [args]
 
 tasks:
+  demo  boot a busybox container in a VM with the default driver (needs a release build)
   guest [--kernel PATH]
         build the guest kernel + initrd into target/guest (Debian's kernel when no --kernel)
   dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
@@ -36,6 +38,7 @@ fn run() -> anyhow::Result<()> {
     match task.as_str() {
         "bench" => bench::run(rest),
         "dist" => dist::run(rest),
+        "demo" => demo::run(rest),
         "guest" => guest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");

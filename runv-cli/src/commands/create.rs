@@ -63,7 +63,9 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
     }
     let mut kernel_params = vm.kernel_params.clone();
     if ctx.debug {
-        kernel_params.push_str(" runv.log=debug");
+        // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s, which would drop the
+        // agent's debug lines.
+        kernel_params.push_str(" runv.log=debug printk.devkmsg=on");
     }
     let agent_timeout_secs = std::env::var(ENV_AGENT_TIMEOUT)
         .ok()
