@@ -19,7 +19,13 @@ fn receive_master(listener: &UnixListener) -> (OwnedFd, String) {
     let mut buf = [0u8; 256];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
     let mut fd = None;
     for c in msg.cmsgs().unwrap() {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -29,13 +35,21 @@ fn receive_master(listener: &UnixListener) -> (OwnedFd, String) {
     let n = msg.bytes;
     let name = String::from_utf8_lossy(&buf[..n]).into_owned();
     // SAFETY: SCM_RIGHTS gave us this descriptor; we are its only owner.
-    (unsafe { OwnedFd::from_raw_fd(fd.expect("no fd on the console socket")) }, name)
+    (
+        unsafe { OwnedFd::from_raw_fd(fd.expect("no fd on the console socket")) },
+        name,
+    )
 }
 
 nix::ioctl_write_ptr_bad!(set_winsize, nix::libc::TIOCSWINSZ, nix::pty::Winsize);
 
 fn resize(master: &OwnedFd, rows: u16, cols: u16) {
-    let ws = nix::pty::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one Winsize from `ws`, which outlives the call.
     unsafe { set_winsize(master.as_raw_fd(), &ws) }.unwrap();
 }
@@ -45,7 +59,10 @@ fn read_until(rx: &mpsc::Receiver<Vec<u8>>, seen: &mut String, needle: &str, sec
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !seen.contains(needle) {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "timed out waiting for {needle:?}; terminal showed {seen:?}");
+        assert!(
+            !left.is_zero(),
+            "timed out waiting for {needle:?}; terminal showed {seen:?}"
+        );
         if let Ok(chunk) = rx.recv_timeout(left) {
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
@@ -55,7 +72,14 @@ fn read_until(rx: &mpsc::Receiver<Vec<u8>>, seen: &mut String, needle: &str, sec
 #[test]
 fn tty_through_a_console_socket_follows_resizes() {
     let env = Env::new("tty");
-    let bundle = env.bundle("b", &["sh", "-c", "stty size; read line; echo got:$line; stty size"]);
+    let bundle = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "stty size; read line; echo got:$line; stty size",
+        ],
+    );
     env.edit_spec(&bundle, |s| s["process"]["terminal"] = true.into());
     let socket = env.dir.join("console.sock");
     let listener = UnixListener::bind(&socket).unwrap();
@@ -93,10 +117,14 @@ fn tty_through_a_console_socket_follows_resizes() {
     resize(&master, 40, 100);
     // The monitor looks at the size every 200 ms; give it a few rounds before answering.
     std::thread::sleep(Duration::from_millis(800));
-    File::from(master.try_clone().unwrap()).write_all(b"hello\r").unwrap();
+    File::from(master.try_clone().unwrap())
+        .write_all(b"hello\r")
+        .unwrap();
     read_until(&rx, &mut seen, "got:hello", 60);
     read_until(&rx, &mut seen, "40 100", 60);
-    wait_until(60, "the container to stop", || env.state("t1")["status"] == "stopped");
+    wait_until(60, "the container to stop", || {
+        env.state("t1")["status"] == "stopped"
+    });
     env.run_ok(env.runv().args(["delete", "t1"]), 60);
     env.assert_clean();
 }

@@ -116,10 +116,12 @@ fn watch_size(
             if size != last {
                 match size.filter(|(r, c)| *r > 0 && *c > 0) {
                     // Until the process exists in the guest the request fails; try again then.
-                    Some((rows, cols)) => match client.request(resize(rows, cols), Duration::from_secs(5)) {
-                        Ok(_) => last = size,
-                        Err(e) => tracing::debug!("window size on fd {}: {e}", tty.as_raw_fd()),
-                    },
+                    Some((rows, cols)) => {
+                        match client.request(resize(rows, cols), Duration::from_secs(5)) {
+                            Ok(_) => last = size,
+                            Err(e) => tracing::debug!("window size on fd {}: {e}", tty.as_raw_fd()),
+                        }
+                    }
                     None => last = size,
                 }
             }
