@@ -118,7 +118,11 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
             agent_timeout_secs,
         };
         config.save(&dir)?;
-        let child = spawn_monitor(&dir, Duration::from_secs(agent_timeout_secs + 60))?;
+        let child = spawn_monitor(
+            &dir,
+            bundle.terminal,
+            Duration::from_secs(agent_timeout_secs + 60),
+        )?;
         if let Some(pid_file) = args.pid_file {
             write_pid_file(pid_file, child.id())?;
         }
@@ -146,10 +150,17 @@ pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
 }
 
 /// Starts `runv __monitor DIR` with our stdio and waits until it reports ready or failed.
-fn spawn_monitor(dir: &Path, timeout: Duration) -> anyhow::Result<Child> {
+/// With a terminal the container's stdio is the pty, and the monitor must not hold ours:
+/// engines (go-runc) read create's output until EOF when a console socket is used.
+fn spawn_monitor(dir: &Path, terminal: bool, timeout: Duration) -> anyhow::Result<Child> {
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating a pipe")?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("__monitor").arg(dir);
+    if terminal {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
     let ready_raw = ready_w.as_raw_fd();
     // SAFETY: the closure only calls async-signal-safe functions (setsid, dup2, fcntl).
     unsafe {

@@ -35,7 +35,8 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|v| v.parse::<i32>().ok());
     if args.detach && ready_fd.is_none() {
-        return detach(args);
+        let tty = process["terminal"].as_bool().unwrap_or(false);
+        return detach(args, tty && args.console_socket.is_some());
     }
     let tty = process["terminal"].as_bool().unwrap_or(false);
     let mut relay = None;
@@ -85,11 +86,18 @@ fn report_ready(fd: Option<i32>, message: &str) {
 
 /// Starts ourselves again in the background (same arguments, in a new session) and returns
 /// once that helper reports the process started; its PID is what `--pid-file` gets.
-fn detach(args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
+/// With a console socket the process's stdio is the pty: the helper then keeps none of ours
+/// (engines read exec's output until EOF in that case).
+fn detach(args: &liboci_cli::Exec, console: bool) -> anyhow::Result<ExitCode> {
     let (r, w) = nix::unistd::pipe().context("creating a pipe")?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.args(&argv).env(ENV_READY_FD, w.as_raw_fd().to_string());
+    if console {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
     // SAFETY: setsid is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
