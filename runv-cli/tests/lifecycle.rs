@@ -44,6 +44,18 @@ fn create_start_state_kill_delete() {
             "trap 'echo got-term; exit 143' TERM; echo started; while :; do sleep 0.1; done",
         ],
     );
+    let hook_log = env.dir.join("hooks.log");
+    env.edit_spec(&bundle, |spec| {
+        let hook = |name: &str| {
+            serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("read s; echo {name} \"$s\" >> {}", hook_log.display())]})
+        };
+        spec["hooks"] = serde_json::json!({
+            "prestart": [hook("prestart")],
+            "createRuntime": [hook("createRuntime")],
+            "poststart": [hook("poststart")],
+            "poststop": [hook("poststop")],
+        });
+    });
     let pid_file = env.dir.join("pid");
     let (status, _, err) = env.run_files(
         env.runv()
@@ -77,8 +89,30 @@ fn create_start_state_kill_delete() {
     assert!(!status.success());
     assert!(err.contains("already exists"), "{err}");
 
+    let hooks = fs::read_to_string(&hook_log).unwrap();
+    assert!(hooks.starts_with("prestart {"), "{hooks}");
+    assert!(
+        hooks.contains("createRuntime {") && hooks.contains("\"id\":\"c1\""),
+        "{hooks}"
+    );
     env.run_ok(env.runv().args(["start", "c1"]), 60);
     assert_eq!(env.state("c1")["status"], "running");
+    assert!(
+        fs::read_to_string(&hook_log)
+            .unwrap()
+            .contains("poststart {")
+    );
+
+    let out = env.run_ok(env.runv().args(["events", "--stats", "c1"]), 30);
+    let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["type"], "stats");
+    assert!(event["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0);
+    let (status, _, err) =
+        env.run_files(env.runv().args(["update", "--memory", "1000000", "c1"]), 30);
+    assert!(
+        !status.success() && err.contains("cannot change memory"),
+        "{err}"
+    );
     let (status, _, err) = env.run_files(env.runv().args(["start", "c1"]), 60);
     assert!(
         !status.success() && err.contains("already running"),
@@ -102,6 +136,66 @@ fn create_start_state_kill_delete() {
     });
     assert_eq!(env.state("c1")["pid"], 0);
     env.run_ok(env.runv().args(["delete", "c1"]), 60);
+    assert!(
+        fs::read_to_string(&hook_log)
+            .unwrap()
+            .contains("poststop {")
+    );
+    env.assert_clean();
+}
+
+#[test]
+fn a_killed_monitor_or_vmm_reads_as_stopped_and_delete_cleans_up() {
+    let env = Env::new("killed");
+    let bundle = env.bundle("b", &["sleep", "1000"]);
+    let kill9 = |pid: i64| {
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    // The monitor dies: its VMM goes with it, the state says stopped, delete cleans up
+    // (including the overlay mount).
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["--storage", "overlay", "run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("m1"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+    kill9(env.state("m1")["pid"].as_i64().unwrap());
+    wait_until(30, "m1 to read as stopped", || {
+        env.state("m1")["status"] == "stopped"
+    });
+    wait_until(30, "the VMM to die with its monitor", || {
+        common::qemu_pids_for(&env.dir).is_empty()
+    });
+    env.run_ok(env.runv().args(["delete", "m1"]), 60);
+
+    // The VMM dies: the monitor notices, records the end and exits.
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("m2"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+    let monitor = env.state("m2")["pid"].as_i64().unwrap();
+    for pid in common::qemu_pids_for(&env.dir) {
+        kill9(i64::from(pid));
+    }
+    wait_until(30, "m2 to read as stopped", || {
+        env.state("m2")["status"] == "stopped"
+    });
+    wait_until(30, "the monitor to exit", || {
+        !std::path::Path::new(&format!("/proc/{monitor}/cmdline")).exists()
+            || fs::read_to_string(format!("/proc/{monitor}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+    });
+    env.run_ok(env.runv().args(["delete", "m2"]), 60);
     env.assert_clean();
 }
 

@@ -1,0 +1,219 @@
+//! docker drives runv: a private dockerd (own data root, exec root, socket, and network and
+//! mount namespaces) with runv added as a runtime through daemon.json, as the README shows.
+
+mod engines;
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use engines::{IMAGE, Out, RUNV, Sandbox, TRAP_TERM, have};
+
+/// One VM-heavy engine test at a time (2 cores, TCG).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Docker {
+    sb: Sandbox,
+}
+
+impl Docker {
+    /// None (with a "skipped" line) when docker is not installed.
+    fn start(tag: &str) -> Option<Docker> {
+        if !have(&[
+            "dockerd",
+            "docker",
+            "containerd",
+            "unshare",
+            "nsenter",
+            "iptables",
+        ]) {
+            return None;
+        }
+        let mut sb = Sandbox::new(tag);
+        let config = serde_json::json!({
+            "runtimes": {"runv": {"path": RUNV}},
+            // A private bridge in the sandbox's network namespace.
+            "bip": "10.99.0.1/24",
+        });
+        std::fs::write(sb.path("daemon.json"), config.to_string()).unwrap();
+        let mut dockerd = sb.cmd("dockerd");
+        dockerd
+            .arg("--config-file")
+            .arg(sb.path("daemon.json"))
+            .arg("--data-root")
+            .arg(sb.path("data"))
+            .arg("--exec-root")
+            .arg(sb.path("x"))
+            .arg("--pidfile")
+            .arg(sb.path("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sb.path("docker.sock").display()))
+            .args(["--storage-driver", "overlay2", "--userland-proxy=false"]);
+        sb.spawn_daemon(dockerd, "dockerd.log");
+        let d = Docker { sb };
+        d.sb.wait_for("dockerd to answer", 60, |_| {
+            d.run(&["version"], 10).status.success()
+        });
+        let tar = d.sb.rootfs_tar();
+        d.ok(&["import", tar.to_str().unwrap(), IMAGE], 60);
+        Some(d)
+    }
+
+    fn docker(&self, args: &[&str]) -> Command {
+        let mut c = self.sb.host_cmd("docker");
+        c.arg("-H")
+            .arg(format!("unix://{}", self.sb.path("docker.sock").display()))
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str], secs: u64) -> Out {
+        self.sb.run(&mut self.docker(args), secs, None)
+    }
+
+    fn ok(&self, args: &[&str], secs: u64) -> Out {
+        let out = self.run(args, secs);
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {out}\n--- dockerd.log (end)\n{}",
+            self.log_tail()
+        );
+        out
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.sb.path("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn docker_run_output_exit_code_stdin_tty() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk1") else {
+        return;
+    };
+    let out = d.ok(
+        &["run", "--rm", "--runtime", "runv", IMAGE, "echo", "hi"],
+        120,
+    );
+    assert_eq!(out.stdout, "hi\n");
+
+    let out = d.run(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+        120,
+    );
+    assert_eq!(out.code(), 7, "{out}");
+
+    let out = d.sb.run(
+        &mut d.docker(&["run", "--rm", "-i", "--runtime", "runv", IMAGE, "cat"]),
+        120,
+        Some("through stdin\n"),
+    );
+    assert!(out.status.success(), "{out}");
+    assert_eq!(out.stdout, "through stdin\n");
+
+    let out = d.ok(
+        &[
+            "run",
+            "--rm",
+            "-t",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo has-a-tty",
+        ],
+        120,
+    );
+    assert!(out.stdout.contains("has-a-tty"), "{out}");
+    // A tty turns "\n" into "\r\n".
+    assert!(out.stdout.contains("\r\n"), "{out}");
+}
+
+#[test]
+fn docker_detached_exec_pause_stop_kill_rm() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk2") else {
+        return;
+    };
+    d.ok(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "c1",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "sh",
+            "-c",
+            TRAP_TERM,
+        ],
+        120,
+    );
+    let out = d.run(&["exec", "c1", "sh", "-c", "echo in-exec; exit 5"], 60);
+    assert_eq!(out.code(), 5, "{out}");
+    assert_eq!(out.stdout, "in-exec\n");
+    let out = d.ok(
+        &["exec", "-t", "c1", "sh", "-c", "[ -t 1 ] && echo exec-tty"],
+        60,
+    );
+    assert!(out.stdout.contains("exec-tty"), "{out}");
+    let out = d.sb.run(
+        &mut d.docker(&["exec", "-i", "c1", "cat"]),
+        60,
+        Some("exec stdin\n"),
+    );
+    assert_eq!(out.stdout, "exec stdin\n", "{out}");
+
+    d.ok(&["pause", "c1"], 30);
+    let out = d.ok(&["inspect", "-f", "{{.State.Status}}", "c1"], 30);
+    assert_eq!(out.stdout.trim(), "paused");
+    d.ok(&["unpause", "c1"], 30);
+    let out = d.ok(&["inspect", "-f", "{{.State.Status}}", "c1"], 30);
+    assert_eq!(out.stdout.trim(), "running");
+
+    // SIGTERM reaches the process in the guest: its trap runs and decides the exit code.
+    d.ok(&["stop", "-t", "30", "c1"], 60);
+    let out = d.ok(&["inspect", "-f", "{{.State.ExitCode}}", "c1"], 30);
+    assert_eq!(out.stdout.trim(), "3");
+    let out = d.ok(&["logs", "c1"], 30);
+    assert!(out.stdout.contains("got TERM"), "{out}");
+    d.ok(&["rm", "c1"], 30);
+
+    d.ok(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "c2",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "sleep",
+            "600",
+        ],
+        120,
+    );
+    d.ok(&["kill", "c2"], 30);
+    let out = d.ok(&["wait", "c2"], 60);
+    assert_eq!(out.stdout.trim(), "137");
+    d.ok(&["rm", "c2"], 30);
+    let out = d.ok(&["ps", "-aq"], 30);
+    assert_eq!(out.stdout.trim(), "", "containers left");
+}
