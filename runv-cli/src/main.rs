@@ -9,6 +9,7 @@ mod control;
 mod hooks;
 mod logging;
 mod monitor;
+mod network;
 mod plugins;
 mod signals;
 mod state;

@@ -174,11 +174,11 @@ fn setup(
     cleanup: &mut Cleanup,
 ) -> anyhow::Result<Monitor> {
     tracing::debug!(phase = "monitor-up", "monitor started for {}", config.id);
-    if let Some(netns) = &config.netns {
-        join_netns(netns)?;
-    }
     let store = Store::new(Some(&config.root));
     let bundle = Bundle::load(&config.bundle)?;
+    // Before any thread starts: engines look at /proc/<our pid>/ns/net.
+    let netns = crate::network::Netns::from_spec(&bundle.spec);
+    crate::network::enter(&netns)?;
     let hypervisor = registry.choose_hypervisor(Some(&config.driver))?;
 
     let prepared = match &config.storage {
@@ -249,6 +249,19 @@ fn setup(
         }
     };
 
+    // Runtime-namespace hooks run before the VM boots, with our pid in the state: docker
+    // configures the network namespace in a prestart hook, and the VM's NICs come from it.
+    let state = store.update(&config.id, |s| {
+        s.pid = std::process::id() as i32;
+        s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
+    })?;
+    let oci_state = state.to_oci_json();
+    for point in [Point::Prestart, Point::CreateRuntime] {
+        crate::network::in_host_netns(|| hooks::run(&bundle.spec, point, &oci_state))?;
+    }
+    let network = crate::network::prepare(&netns)?;
+    vm_config.network_interfaces = network.nics.clone();
+
     let vm = Arc::new(
         hypervisor
             .client
@@ -276,6 +289,16 @@ fn setup(
         Request::SetPowerOffWhenIdle { enabled: true },
         REQUEST_TIMEOUT,
     )?;
+    if !network.interfaces.is_empty() {
+        agent_call(
+            &client,
+            Request::ConfigureNetwork {
+                interfaces: network.interfaces,
+                routes: network.routes,
+            },
+        )?;
+    }
+    let (hosts, resolv_conf) = crate::network::dns_files(&bundle.spec);
 
     let host = container_stdio(config, &bundle)?;
     let ids = stdio::allocate(bundle.terminal, true);
@@ -297,8 +320,8 @@ fn setup(
             },
             stdio: ids,
             hostname: bundle.hostname(),
-            hosts: None,
-            resolv_conf: None,
+            hosts,
+            resolv_conf,
         },
     )?;
     if let ResponseBody::Process { pid } = answer {
@@ -320,13 +343,7 @@ fn setup(
         s.runv.console_log = vm.console_log().display().to_string();
     })?;
     let oci_state = state.to_oci_json();
-    for point in [
-        Point::Prestart,
-        Point::CreateRuntime,
-        Point::CreateContainer,
-    ] {
-        hooks::run(&bundle.spec, point, &oci_state)?;
-    }
+    crate::network::in_host_netns(|| hooks::run(&bundle.spec, Point::CreateContainer, &oci_state))?;
     // From here on, the monitor stops the VM and `delete` cleans the storage up.
     cleanup.storage = None;
     cleanup.vm = None;
@@ -347,13 +364,6 @@ pub fn agent_call(client: &AgentClient, request: Request) -> anyhow::Result<Resp
     client
         .request(request, REQUEST_TIMEOUT)
         .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn join_netns(path: &Path) -> anyhow::Result<()> {
-    let f = File::open(path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
-    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("joining network namespace {}", path.display()))
 }
 
 /// The container's stdio: a pty sent to the console socket, or what create was given.

@@ -67,7 +67,8 @@ fn agent(monitor: &Monitor, request: AgentRequest) -> anyhow::Result<ResponseBod
 fn start(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
     require_status(monitor, &[Status::Created], "start")?;
     let state = monitor.store.load(&monitor.id)?;
-    hooks::run(&monitor.spec, Point::StartContainer, &state.to_oci_json())?;
+    let oci_state = state.to_oci_json();
+    crate::network::in_host_netns(|| hooks::run(&monitor.spec, Point::StartContainer, &oci_state))?;
     agent(
         monitor,
         AgentRequest::StartContainer {
@@ -78,7 +79,10 @@ fn start(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
     let state = monitor
         .store
         .update(&monitor.id, |s| s.status = Status::Running)?;
-    if let Err(e) = hooks::run(&monitor.spec, Point::Poststart, &state.to_oci_json()) {
+    let oci_state = state.to_oci_json();
+    if let Err(e) =
+        crate::network::in_host_netns(|| hooks::run(&monitor.spec, Point::Poststart, &oci_state))
+    {
         // runc: a failing poststart hook is logged, the container keeps running.
         tracing::warn!("{e:#}");
     }
