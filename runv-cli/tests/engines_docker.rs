@@ -217,3 +217,114 @@ fn docker_detached_exec_pause_stop_kill_rm() {
     let out = d.ok(&["ps", "-aq"], 30);
     assert_eq!(out.stdout.trim(), "", "containers left");
 }
+
+#[test]
+fn docker_network_bridge_address_server_gateway_dns() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk3") else {
+        return;
+    };
+    d.ok(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-the-vm > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+        120,
+    );
+    let ip = d
+        .ok(
+            &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"],
+            30,
+        )
+        .stdout
+        .trim()
+        .to_string();
+    assert!(ip.starts_with("10.99.0."), "docker assigned {ip:?}");
+
+    // The guest interface has the address docker assigned (and the veth's MAC).
+    let out = d.ok(&["exec", "web", "ip", "-4", "addr", "show", "eth0"], 60);
+    assert!(out.stdout.contains(&format!("inet {ip}/24")), "{out}");
+    let mac = d
+        .ok(
+            &["inspect", "-f", "{{.NetworkSettings.MacAddress}}", "web"],
+            30,
+        )
+        .stdout
+        .trim()
+        .to_string();
+    assert!(
+        out.stdout.contains(&format!("ether {mac}")) || mac.is_empty() || {
+            let link = d.ok(&["exec", "web", "ip", "link", "show", "eth0"], 60);
+            link.stdout.contains(&mac)
+        }
+    );
+
+    // The server in the VM answers on the bridge, from the (sandbox's) host side.
+    let mut last = None;
+    for _ in 0..30 {
+        // (busybox 1.35's `wget -q` crashes; nc speaks HTTP/1.0 well enough.)
+        let out = d.sb.run(
+            d.sb.cmd("busybox").args(["nc", "-w", "3", &ip, "8080"]),
+            10,
+            Some("GET / HTTP/1.0\r\n\r\n"),
+        );
+        if out.stdout.contains("hello-from-the-vm") {
+            last = None;
+            break;
+        }
+        last = Some(out);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(
+        last.is_none(),
+        "the server in the VM is not reachable: {}",
+        last.unwrap()
+    );
+
+    // The container reaches the bridge's gateway.
+    let out = d.run(
+        &["exec", "web", "ping", "-c", "1", "-W", "5", "10.99.0.1"],
+        60,
+    );
+    assert!(out.status.success(), "ping gateway: {out}");
+
+    // DNS files: what docker wrote is what the container sees.
+    for (what, field) in [
+        ("/etc/resolv.conf", "{{.ResolvConfPath}}"),
+        ("/etc/hosts", "{{.HostsPath}}"),
+    ] {
+        let path = d.ok(&["inspect", "-f", field, "web"], 30).stdout;
+        let written = std::fs::read_to_string(path.trim()).unwrap();
+        let seen = d.ok(&["exec", "web", "cat", what], 60).stdout;
+        assert_eq!(seen, written, "{what}");
+    }
+
+    // --network none: only loopback.
+    let out = d.ok(
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--runtime",
+            "runv",
+            IMAGE,
+            "ip",
+            "-o",
+            "link",
+        ],
+        120,
+    );
+    assert!(out.stdout.contains("lo:"), "{out}");
+    assert!(!out.stdout.contains("eth0"), "{out}");
+
+    d.ok(&["rm", "-f", "web"], 60);
+}
