@@ -13,7 +13,13 @@ struct Containerd {
 
 impl Containerd {
     fn start() -> Option<Containerd> {
-        if !have(&["containerd", "ctr", "containerd-shim-runc-v2", "unshare", "nsenter"]) {
+        if !have(&[
+            "containerd",
+            "ctr",
+            "containerd-shim-runc-v2",
+            "unshare",
+            "nsenter",
+        ]) {
             return None;
         }
         let mut sb = Sandbox::new("ctd");
@@ -84,7 +90,16 @@ fn containerd_run_exit_code_exec_kill() {
     args.extend(["-d", IMAGE, "c3", "sh", "-c", TRAP_TERM]);
     c.ok(&args, 120);
     let out = c.run(
-        &["task", "exec", "--exec-id", "e1", "c3", "sh", "-c", "echo in-exec; exit 5"],
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "c3",
+            "sh",
+            "-c",
+            "echo in-exec; exit 5",
+        ],
         60,
     );
     assert_eq!(out.code(), 5, "{out}");
