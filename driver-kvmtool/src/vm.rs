@@ -1,0 +1,835 @@
+//! A running `lkvm run` process, its terminals and the agent relay.
+//!
+//! * lkvm is spawned and reaped by one thread per VM: `PR_SET_PDEATHSIG` fires when the
+//!   *thread* that forked the child exits, so the spawning thread must live as long as lkvm.
+//!   The reaper waits with `WNOWAIT` first and reaps under the state lock; signals are sent
+//!   under that lock only while no status is recorded, so never to a recycled pid.
+//! * lkvm's stdin/stdout is a pty made by the driver (lkvm starts its terminal thread only when
+//!   stdin and stdout are terminals). Terminal 0 (ttyS0, the kernel console) goes there; a
+//!   thread copies it into the console log.
+//! * `--tty 1` gives terminal 1 (ttyS1, the agent's channel) a pty of its own, which lkvm names
+//!   on stderr (`Info: Assigned terminal 1 to pty /dev/pts/N`). The driver opens it and relays
+//!   it to one end of a socketpair; the other end is the agent channel handed to the core.
+//!   The relay is needed because lkvm's terminal input treats byte 0x01 as an escape (Ctrl-A;
+//!   `Ctrl-A x` reboots the guest): every 0x01 going to the guest is sent twice
+//!   ([`escape_term_input`]). The guest-to-host direction is passed through unchanged.
+//! * stderr goes to the log file, line by line.
+//! * stop/pause/resume run `lkvm stop|pause|resume --name NAME` with `HOME` set to the VM's
+//!   state dir, where lkvm keeps its control socket (`.lkvm/NAME.sock`); pause and resume are
+//!   confirmed with `lkvm list`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::pty::{PtyMaster, grantpt, posix_openpt, ptsname_r, unlockpt};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, Shutdown, SockFlag, SockType, send, shutdown, socketpair,
+};
+use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::unistd::Pid;
+use runv_api::{Vm, VmExit, VmStats};
+
+use crate::cmdline::{AGENT_TERM, VmPaths, assigned_pty, list_state};
+
+/// Prefix of the lines the driver itself writes into the log file (the rest is lkvm's stderr).
+pub const LOG_PREFIX: &str = "runv-driver-kvmtool:";
+/// lkvm's terminal escape character (Ctrl-A).
+pub const TERM_ESCAPE: u8 = 0x01;
+
+/// How long one `lkvm stop|pause|resume|list` may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `stop` waits after `lkvm stop` before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long `stop` and `Drop` wait for the reaper after SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How long pause/resume wait for `lkvm list` to show the new state.
+const STATE_CONFIRM: Duration = Duration::from_secs(5);
+
+/// Doubles every escape byte, so that lkvm's terminal input hands the guest exactly `data`.
+pub fn escape_term_input(data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    for &b in data {
+        out.push(b);
+        if b == TERM_ESCAPE {
+            out.push(b);
+        }
+    }
+}
+
+#[derive(Default)]
+struct ProcState {
+    exit: Option<Result<ExitStatus, String>>,
+    ended_by_host: Option<&'static str>,
+}
+
+struct Shared {
+    state: Mutex<ProcState>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until lkvm has been reaped or `timeout` passed; true when reaped.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.exit.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Appends one diagnostic line to the driver log file (best effort).
+pub fn log_line(log_file: &Path, message: &str) {
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log_file) {
+        let _ = writeln!(f, "{LOG_PREFIX} {message}");
+    }
+}
+
+/// The last line lkvm wrote to the log after `offset` (the driver's own lines skipped).
+pub fn last_tool_line(log_file: &Path, offset: u64) -> Option<String> {
+    let mut f = File::open(log_file).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = offset.max(len.saturating_sub(64 * 1024));
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with(LOG_PREFIX))
+        .map(str::to_string)
+}
+
+/// How the VM ended, in words.
+pub fn describe_status(status: &Result<ExitStatus, String>, ended_by_host: Option<&str>) -> VmExit {
+    match status {
+        Err(e) => VmExit {
+            code: -1,
+            signal: 0,
+            description: format!("lkvm ended, status unknown: {e}").into(),
+        },
+        Ok(status) => {
+            let code = status.code().unwrap_or(-1);
+            let signal = status.signal().unwrap_or(0);
+            let what = if signal != 0 {
+                let name = Signal::try_from(signal)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {signal}"));
+                match ended_by_host {
+                    Some(how) => format!("{how}: lkvm killed by {name}"),
+                    None => format!("lkvm killed by {name}"),
+                }
+            } else if let Some(how) = ended_by_host {
+                how.to_string()
+            } else if code == 0 {
+                "the guest shut down".to_string()
+            } else {
+                format!("lkvm exited with code {code}")
+            };
+            VmExit {
+                code: if signal != 0 { 0 } else { code },
+                signal,
+                description: what.into(),
+            }
+        }
+    }
+}
+
+/// Puts a terminal into raw mode: no echo, no line editing, no character translation.
+fn make_raw(fd: impl AsFd) -> Result<(), String> {
+    let mut t = tcgetattr(fd.as_fd()).map_err(|e| format!("tcgetattr: {e}"))?;
+    cfmakeraw(&mut t);
+    tcsetattr(fd.as_fd(), SetArg::TCSANOW, &t).map_err(|e| format!("tcsetattr: {e}"))
+}
+
+/// A new pty: the master, and the slave opened (close-on-exec, not a controlling terminal),
+/// in raw mode.
+fn open_pty() -> Result<(PtyMaster, File), String> {
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| format!("opening a pty: {e}"))?;
+    grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
+    unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+    let name = ptsname_r(&master).map_err(|e| format!("ptsname: {e}"))?;
+    let slave = open_tty(Path::new(&name))?;
+    Ok((master, slave))
+}
+
+/// Opens a terminal device read-write without making it the controlling terminal, raw.
+fn open_tty(path: &Path) -> Result<File, String> {
+    let tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    make_raw(&tty).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(tty)
+}
+
+/// Runs a short lkvm command (`stop`, `pause`, `list`, ...) with the VM's `HOME`; its stdout on
+/// success, its last stderr line (or status) otherwise.
+fn run_control(lkvm: &Path, home: &Path, args: &[&str]) -> Result<String, String> {
+    let what = format!("lkvm {}", args.join(" "));
+    let mut child = Command::new(lkvm)
+        .args(args)
+        .env("HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {what}: {e}"))?;
+    let deadline = Instant::now() + CONTROL_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish in {CONTROL_TIMEOUT:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    if status.success() {
+        Ok(out)
+    } else {
+        let why = err
+            .lines()
+            .chain(out.lines())
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{status}"));
+        Err(format!("{what} failed: {why}"))
+    }
+}
+
+/// What [`KvmtoolVm::start`] needs besides the arguments.
+pub struct StartSpec {
+    pub lkvm: PathBuf,
+    pub args: Vec<String>,
+    pub paths: VmPaths,
+    pub console_log: PathBuf,
+    pub guest_memory_bytes: u64,
+    pub start_timeout: Duration,
+}
+
+pub struct KvmtoolVm {
+    pid: u32,
+    shared: Arc<Shared>,
+    lkvm: PathBuf,
+    paths: VmPaths,
+    log_offset: u64,
+    console_log: PathBuf,
+    guest_memory_bytes: u64,
+    agent: Mutex<Option<OwnedFd>>,
+    /// The driver's end of the agent socketpair, shut down on drop to end the relay.
+    relay: Mutex<Option<OwnedFd>>,
+    /// Serializes lkvm control commands.
+    control: Mutex<()>,
+}
+
+impl KvmtoolVm {
+    /// Starts lkvm and waits until it has named the agent's pty and made its control socket
+    /// (`start_timeout` in all). On failure lkvm is killed and the error carries its last
+    /// stderr line.
+    pub fn start(spec: StartSpec) -> Result<Self, String> {
+        let StartSpec {
+            lkvm,
+            args,
+            paths,
+            console_log,
+            guest_memory_bytes,
+            start_timeout,
+        } = spec;
+        let deadline = Instant::now() + start_timeout;
+        let socket_dir = paths.home.join(".lkvm");
+        fs::create_dir_all(&socket_dir)
+            .map_err(|e| format!("creating {}: {e}", socket_dir.display()))?;
+        match fs::remove_file(&paths.control_socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(format!(
+                    "removing stale {}: {e}",
+                    paths.control_socket.display()
+                ));
+            }
+        }
+        let log_offset = fs::metadata(&paths.log_file).map(|m| m.len()).unwrap_or(0);
+        let console = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_log)
+            .map_err(|e| format!("opening {}: {e}", console_log.display()))?;
+
+        let (console_master, console_slave) = open_pty()?;
+        let (stderr_read, stderr_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let stdin = console_slave
+            .try_clone()
+            .map_err(|e| format!("duplicating the console pty: {e}"))?;
+
+        let mut command = Command::new(&lkvm);
+        command
+            .args(&args)
+            .env("HOME", &paths.home)
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(console_slave))
+            .stderr(Stdio::from(stderr_write))
+            // Its own process group: a Ctrl-C aimed at the monitor's group does not reach lkvm.
+            .process_group(0);
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (prctl, getppid), without allocating.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(nix::errno::Errno::ESRCH.into());
+                }
+                Ok(())
+            });
+        }
+
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ProcState::default()),
+            changed: Condvar::new(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let reaper_shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("lkvm-reaper".into())
+            .spawn(move || reaper(command, tx, reaper_shared))
+            .map_err(|e| format!("starting the lkvm reaper thread: {e}"))?;
+        let pid = rx
+            .recv()
+            .map_err(|_| "the lkvm reaper thread ended early".to_string())?
+            .map_err(|e| format!("starting {}: {e}", lkvm.display()))?;
+
+        // The console: lkvm's terminal 0 into the console log, until lkvm is gone.
+        thread::Builder::new()
+            .name("lkvm-console".into())
+            .spawn(move || copy_console(console_master, console))
+            .map_err(|e| format!("starting the console thread: {e}"))?;
+        // stderr into the log; the agent pty's name to us.
+        let (pty_tx, pty_rx) = mpsc::channel();
+        let log_file = paths.log_file.clone();
+        thread::Builder::new()
+            .name("lkvm-stderr".into())
+            .spawn(move || watch_stderr(File::from(stderr_read), &log_file, pty_tx))
+            .map_err(|e| format!("starting the stderr thread: {e}"))?;
+
+        let vm = Self {
+            pid,
+            shared,
+            lkvm,
+            paths,
+            log_offset,
+            console_log,
+            guest_memory_bytes,
+            agent: Mutex::new(None),
+            relay: Mutex::new(None),
+            control: Mutex::new(()),
+        };
+        // From here on, an error drops `vm`, which kills and reaps lkvm.
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let agent_pty = match pty_rx.recv_timeout(remaining) {
+            Ok(path) => path,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(vm.early_exit_error()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "lkvm did not report the pty of terminal {AGENT_TERM} within {start_timeout:?} \
+                     (expected \"Assigned terminal {AGENT_TERM} to pty ...\" on its stderr)"
+                ));
+            }
+        };
+        let tty = open_tty(&agent_pty)?;
+        vm.wait_control_socket(deadline)?;
+        let channel = vm.start_relay(tty)?;
+        *vm.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
+        Ok(vm)
+    }
+
+    /// Waits for lkvm's control socket, which `lkvm stop/pause/resume` need.
+    fn wait_control_socket(&self, deadline: Instant) -> Result<(), String> {
+        loop {
+            if self.shared.lock().exit.is_some() {
+                return Err(self.early_exit_error());
+            }
+            if self.paths.control_socket.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "lkvm did not create its control socket {} in time",
+                    self.paths.control_socket.display()
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Connects the agent pty to a new socketpair; returns the core's end.
+    fn start_relay(&self, tty: File) -> Result<OwnedFd, String> {
+        let (core, relay) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| format!("socketpair: {e}"))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
+        let (relay_in, relay_out) = (dup(&relay)?, dup(&relay)?);
+        let tty_in = tty
+            .try_clone()
+            .map_err(|e| format!("duplicating the agent pty: {e}"))?;
+        thread::Builder::new()
+            .name("lkvm-agent-out".into())
+            .spawn(move || guest_to_host(tty, relay_out))
+            .map_err(|e| format!("starting the agent relay: {e}"))?;
+        thread::Builder::new()
+            .name("lkvm-agent-in".into())
+            .spawn(move || host_to_guest(relay_in, tty_in))
+            .map_err(|e| format!("starting the agent relay: {e}"))?;
+        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
+        Ok(core)
+    }
+
+    /// Why lkvm failed to start, from its stderr.
+    fn early_exit_error(&self) -> String {
+        self.shared.wait_exit(Duration::from_secs(2));
+        let status = self.shared.lock().exit.clone();
+        match last_tool_line(&self.paths.log_file, self.log_offset) {
+            Some(line) => format!("lkvm failed to start: {line}"),
+            None => match status {
+                Some(status) => format!(
+                    "lkvm exited before the VM started ({})",
+                    describe_status(&status, None).description
+                ),
+                None => "lkvm closed its stderr before the VM started".to_string(),
+            },
+        }
+    }
+
+    /// Runs `lkvm <verb> --name NAME`, unless lkvm has exited.
+    fn control(&self, verb: &str) -> Result<String, String> {
+        if self.shared.lock().exit.is_some() {
+            return Err("the VM has already exited".into());
+        }
+        let _guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        run_control(
+            &self.lkvm,
+            &self.paths.home,
+            &[verb, "--name", &self.paths.guest_name],
+        )
+    }
+
+    /// The state `lkvm list` shows for this VM (`running`, `paused`).
+    pub fn listed_state(&self) -> Result<String, String> {
+        let _guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let out = run_control(&self.lkvm, &self.paths.home, &["list", "-i"])?;
+        list_state(&out, &self.paths.guest_name)
+            .map(str::to_string)
+            .ok_or_else(|| format!("lkvm list does not show {}", self.paths.guest_name))
+    }
+
+    fn set_state(&self, verb: &str, wanted: &str) -> Result<(), String> {
+        self.control(verb)?;
+        let deadline = Instant::now() + STATE_CONFIRM;
+        loop {
+            let state = self.listed_state()?;
+            if state == wanted {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "lkvm {verb} was sent but lkvm list still shows the VM {state}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to lkvm unless it has been reaped. Returns whether it was sent.
+    fn signal(&self, signal: Signal, why: &'static str) -> bool {
+        let mut state = self.shared.lock();
+        if state.exit.is_some() {
+            return false;
+        }
+        state.ended_by_host.get_or_insert(why);
+        kill(Pid::from_raw(self.pid as i32), signal).is_ok()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn log_file(&self) -> &Path {
+        &self.paths.log_file
+    }
+}
+
+fn reaper(mut command: Command, tx: mpsc::Sender<std::io::Result<u32>>, shared: Arc<Shared>) {
+    let spawned = command.spawn();
+    // The command holds the parent's copies of the pty slave and the stderr pipe: close them,
+    // so that the console and stderr threads see the end when lkvm exits.
+    drop(command);
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    };
+    let pid = child.id();
+    let _ = tx.send(Ok(pid));
+    let waited = loop {
+        match waitid(
+            Id::Pid(Pid::from_raw(pid as i32)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let mut state = shared.lock();
+    let status = match waited {
+        Ok(_) => child.wait().map_err(|e| e.to_string()),
+        Err(e) => Err(format!("waiting for lkvm (pid {pid}): {e}")),
+    };
+    state.exit = Some(status);
+    shared.changed.notify_all();
+}
+
+/// Copies lkvm's terminal 0 into the console log until lkvm has gone (EIO on the master).
+fn copy_console(mut master: PtyMaster, mut log: File) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if log.write_all(&buf[..n]).is_err() {
+                    // Keep draining, or lkvm would block writing the console.
+                    continue;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+}
+
+/// Appends lkvm's stderr to the log file and reports the agent pty's name once.
+fn watch_stderr(stderr: File, log_file: &Path, pty: mpsc::Sender<PathBuf>) {
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .ok();
+    let mut reported = false;
+    for line in BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let text = String::from_utf8_lossy(&line);
+        if let Some(f) = log.as_mut() {
+            let _ = writeln!(f, "{}", text.trim_end_matches('\r'));
+        }
+        if !reported {
+            if let Some(path) = assigned_pty(&text, AGENT_TERM) {
+                reported = pty.send(path).is_ok();
+            }
+        }
+    }
+}
+
+/// Guest output to the core, unchanged; EOF for the core when lkvm has gone.
+fn guest_to_host(mut tty: File, relay: OwnedFd) {
+    let mut buf = [0u8; 16384];
+    'outer: loop {
+        let n = match tty.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            match send(
+                std::os::fd::AsRawFd::as_raw_fd(&relay),
+                data,
+                MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(sent) => data = &data[sent..],
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break 'outer,
+            }
+        }
+    }
+    let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&relay), Shutdown::Write);
+}
+
+/// Core output to the guest, with lkvm's escape byte doubled.
+fn host_to_guest(relay: OwnedFd, mut tty: File) {
+    let mut relay = File::from(relay);
+    let mut buf = [0u8; 8192];
+    let mut escaped = Vec::with_capacity(2 * buf.len());
+    loop {
+        let n = match relay.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        escape_term_input(&buf[..n], &mut escaped);
+        if tty.write_all(&escaped).is_err() {
+            break;
+        }
+    }
+}
+
+impl Vm for KvmtoolVm {
+    fn take_agent_channel(&self) -> Result<OwnedFd, String> {
+        self.agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| "the agent channel was already taken".to_string())
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.console_log.clone()
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        self.set_state("pause", "paused")
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.set_state("resume", "running")
+    }
+
+    /// Ends the VM. The graceful part is the core's (it asks the agent to shut down; the
+    /// agent reboots, which ends lkvm). `stop`:
+    ///
+    /// 1. waits up to `timeout` for lkvm to exit by itself;
+    /// 2. then runs `lkvm stop --name NAME` and waits up to 3 s;
+    /// 3. then sends SIGKILL and waits for the reaper.
+    fn stop(&self, timeout: Duration) -> Result<(), String> {
+        if self.shared.wait_exit(timeout) {
+            return Ok(());
+        }
+        {
+            let mut state = self.shared.lock();
+            if state.exit.is_some() {
+                return Ok(());
+            }
+            state
+                .ended_by_host
+                .get_or_insert("stopped by the host (lkvm stop)");
+        }
+        let sent = self.control("stop");
+        if let Err(e) = &sent {
+            log_line(&self.paths.log_file, &format!("warning: {e}"));
+        }
+        if sent.is_ok() && self.shared.wait_exit(STOP_GRACE) {
+            return Ok(());
+        }
+        self.signal(
+            Signal::SIGKILL,
+            "killed by the host: the guest did not stop in time",
+        );
+        if self.shared.wait_exit(KILL_GRACE) {
+            Ok(())
+        } else {
+            Err(format!(
+                "lkvm (pid {}) did not exit after SIGKILL",
+                self.pid
+            ))
+        }
+    }
+
+    fn wait(&self) -> Result<VmExit, String> {
+        let mut state = self.shared.lock();
+        while state.exit.is_none() {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let status = state
+            .exit
+            .clone()
+            .unwrap_or_else(|| Err("no status".into()));
+        let mut exit = describe_status(&status, state.ended_by_host);
+        drop(state);
+        if exit.code != 0 {
+            if let Some(line) = last_tool_line(&self.paths.log_file, self.log_offset) {
+                exit.description = format!("{}: {line}", exit.description).into();
+            }
+        }
+        Ok(exit)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        if self.shared.lock().exit.is_some() {
+            Vec::new()
+        } else {
+            vec![self.pid]
+        }
+    }
+
+    fn stats(&self) -> Result<VmStats, String> {
+        let path = format!("/proc/{}/smaps_rollup", self.pid);
+        let text = {
+            let state = self.shared.lock();
+            if state.exit.is_some() {
+                return Err("the VM has exited".into());
+            }
+            // Read under the lock: the pid cannot be reaped (and reused) meanwhile.
+            fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?
+        };
+        let (rss, pss) = parse_smaps_rollup(&text);
+        Ok(VmStats {
+            host_rss_bytes: rss,
+            host_pss_bytes: pss,
+            guest_memory_bytes: self.guest_memory_bytes,
+        })
+    }
+}
+
+/// `Rss:` and `Pss:` of /proc/<pid>/smaps_rollup, in bytes.
+pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+impl Drop for KvmtoolVm {
+    /// A VM does not outlive its handle: lkvm is killed and reaped, the relay ended.
+    fn drop(&mut self) {
+        if self.signal(
+            Signal::SIGKILL,
+            "killed by the host: the VM handle was dropped",
+        ) {
+            self.shared.wait_exit(KILL_GRACE);
+        }
+        if let Some(relay) = self.relay.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&relay), Shutdown::Both);
+        }
+        let state = self.shared.lock();
+        if let Some(status) = &state.exit {
+            let exit = describe_status(status, state.ended_by_host);
+            log_line(
+                &self.paths.log_file,
+                &format!("lkvm (pid {}) ended: {}", self.pid, exit.description),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_doubles_ctrl_a_only() {
+        let mut out = Vec::new();
+        escape_term_input(b"a\x01x\x01\x01b", &mut out);
+        assert_eq!(out, b"a\x01\x01x\x01\x01\x01\x01b");
+        escape_term_input(b"", &mut out);
+        assert!(out.is_empty());
+        let all: Vec<u8> = (0..=255).collect();
+        escape_term_input(&all, &mut out);
+        assert_eq!(out.len(), 257);
+    }
+
+    #[test]
+    fn exit_descriptions() {
+        let ok = describe_status(&Ok(ExitStatus::from_raw(0)), None);
+        assert_eq!((ok.code, ok.signal), (0, 0));
+        assert_eq!(ok.description.as_str(), "the guest shut down");
+        let stopped = describe_status(
+            &Ok(ExitStatus::from_raw(0)),
+            Some("stopped by the host (lkvm stop)"),
+        );
+        assert_eq!(
+            stopped.description.as_str(),
+            "stopped by the host (lkvm stop)"
+        );
+        let killed = describe_status(&Ok(ExitStatus::from_raw(9)), Some("killed by the host"));
+        assert_eq!((killed.code, killed.signal), (0, 9));
+        assert!(killed.description.as_str().contains("SIGKILL"));
+        let failed = describe_status(&Ok(ExitStatus::from_raw(128 << 8)), None);
+        assert_eq!(failed.code, 128);
+        assert_eq!(failed.description.as_str(), "lkvm exited with code 128");
+        let unknown = describe_status(&Err("ECHILD".into()), None);
+        assert_eq!(unknown.code, -1);
+    }
+
+    #[test]
+    fn smaps_rollup_fields() {
+        let text = "55d0-7ffd ---p 00000000 00:00 0    [rollup]\nRss:              123 kB\n\
+                    Pss:               45 kB\n";
+        assert_eq!(parse_smaps_rollup(text), (123 * 1024, 45 * 1024));
+        assert_eq!(parse_smaps_rollup(""), (0, 0));
+    }
+
+    #[test]
+    fn last_line_skips_driver_lines() {
+        let dir = std::env::temp_dir().join(format!("runv-kvmtool-log-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("kvmtool.log");
+        fs::write(&log, "  Fatal: an old run\n").unwrap();
+        let offset = fs::metadata(&log).unwrap().len();
+        assert_eq!(last_tool_line(&log, offset), None);
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "  Fatal: unable to load kernel /x\n").unwrap();
+        drop(f);
+        log_line(&log, "lkvm ended");
+        assert_eq!(
+            last_tool_line(&log, offset).as_deref(),
+            Some("Fatal: unable to load kernel /x")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! The Xen hypervisor driver for runv (in progress).
