@@ -6,7 +6,9 @@ PACKAGES=(
     qemu-system-x86   # the default hypervisor (TCG where there is no usable KVM)
     busybox-static    # the demo and test container rootfs
     e2fsprogs cpio kmod xz-utils zstd   # guest image: initrd, module deps, kernel unpacking
-    iproute2          # network tests
+    iproute2 iptables # network tests
+    docker.io containerd podman   # engine tests: runv as their runtime
+    runc              # the no-VM reference in `cargo xtask bench`
     pkg-config
 )
 
