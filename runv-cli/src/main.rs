@@ -27,6 +27,15 @@ fn main() -> ExitCode {
     if args.len() == 3 && args[1] == "__monitor" {
         return monitor::main(std::path::Path::new(&args[2]));
     }
+    // Rust ignores SIGPIPE, so `runv list | head` would panic in println!; a CLI should just
+    // end quietly as runc does. (Not in the monitor, which must outlive a closed reader.)
+    // SAFETY: restoring the default disposition installs no handler code.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     let cli = Cli::parse();
     if cli.version {
         commands::version::print();
