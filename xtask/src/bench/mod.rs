@@ -426,26 +426,30 @@ impl Bench {
                 })
                 .collect();
         }
-        let names = |prefix: &str| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(release)
+        // Only drivers whose probe says they can run here (`runv drivers` asks each plugin).
+        let names = |kind: &str| -> Vec<String> {
+            let out = std::process::Command::new(release.join("runv"))
+                .args(["drivers", "--format", "json"])
+                .env_remove("RUNV_DRIVER_DIR")
+                .output();
+            let json: Value = out
+                .ok()
+                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                .unwrap_or(Value::Null);
+            let mut v: Vec<String> = json["drivers"]
+                .as_array()
                 .into_iter()
                 .flatten()
-                .flatten()
-                .filter_map(|e| {
-                    let n = e.file_name().to_string_lossy().to_string();
-                    n.strip_prefix(prefix)?
-                        .strip_suffix(".so")
-                        .map(str::to_string)
-                })
-                .filter(|n| n != "example")
+                .filter(|d| d["kind"] == kind && d["available"] == true && d["name"] != "example")
+                .filter_map(|d| d["name"].as_str().map(str::to_string))
                 .collect();
             v.sort();
             v
         };
         let mut out = Vec::new();
-        for h in names("librunv_driver_") {
+        for h in names("hypervisor") {
             out.push((h.clone(), None));
-            for s in names("librunv_storage_") {
+            for s in names("storage") {
                 out.push((h.clone(), Some(s)));
             }
         }
