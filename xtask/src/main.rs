@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod dist;
 mod guest;
+mod vmtest;
 
 use std::path::PathBuf;
 
@@ -20,6 +21,8 @@ tasks:
         share/runv (default: every built driver but the example)
   bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build]
         interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc
+  vmtest [--no-build] [--timeout S] [--boot-timeout S] [--out DIR] [--keep] -- COMMAND...
+        run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
 ";
 
 fn main() {
@@ -40,6 +43,7 @@ fn run() -> anyhow::Result<()> {
         "dist" => dist::run(rest),
         "demo" => demo::run(rest),
         "guest" => guest::run(rest),
+        "vmtest" => vmtest::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
