@@ -520,19 +520,22 @@ fn setup_rootfs(rootfs: &Path, mounts: &[Mount], files: &[(String, String)]) -> 
             continue;
         }
         make_target(&dst, true)?;
+        if kind == "devpts" {
+            // The agent allocates a process's pty from its own devpts before the process enters
+            // the container, so the container sees that instance: then `tty` and ttyname()
+            // find /dev/pts/N. (A VM holds one pod; its containers share the instance.)
+            m(
+                Some(Path::new("/dev/pts")),
+                &dst,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+            continue;
+        }
         let (fstype, data) = match kind {
             // A VM has a cgroup v2 hierarchy of its own.
             "cgroup" | "cgroup2" => ("cgroup2", String::new()),
-            "devpts" => {
-                let mut d = data.clone();
-                if !d.iter().any(|o| o == "newinstance") {
-                    d.push("newinstance".into());
-                }
-                if !d.iter().any(|o| o.starts_with("ptmxmode")) {
-                    d.push("ptmxmode=0666".into());
-                }
-                ("devpts", d.join(","))
-            }
             k => (k, data.join(",")),
         };
         let src = mnt.source.clone().unwrap_or_else(|| fstype.to_string());

@@ -77,7 +77,7 @@ fn tty_through_a_console_socket_follows_resizes() {
         &[
             "sh",
             "-c",
-            "stty size; read line; echo got:$line; stty size",
+            "echo tty:$(tty); stty size; read line; echo got:$line; stty size",
         ],
     );
     env.edit_spec(&bundle, |s| s["process"]["terminal"] = true.into());
@@ -122,6 +122,10 @@ fn tty_through_a_console_socket_follows_resizes() {
         .unwrap();
     read_until(&rx, &mut seen, "got:hello", 60);
     read_until(&rx, &mut seen, "40 100", 60);
+    assert!(
+        seen.contains("tty:/dev/pts/"),
+        "the container sees its terminal: {seen:?}"
+    );
     wait_until(60, "the container to stop", || {
         env.state("t1")["status"] == "stopped"
     });
