@@ -10,7 +10,12 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 #[command(
     name = "runv",
     about = "runv: an OCI runtime that runs every container in its own lightweight VM",
-    disable_version_flag = true
+    disable_version_flag = true,
+    mut_arg("log", |a| a.help("write runv's log to this file (default: stderr)")),
+    mut_arg("debug", |a| a.help("log at debug level")),
+    mut_arg("log_format", |a| a.help("log format: text (default) or json (runc-style lines)")),
+    mut_arg("systemd_cgroup", |a| a.help("accepted for runc compatibility (cgroups live in the guest)")),
+    mut_subcommand("checkpointt", |c| c.hide(true)),
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             nix::sys::signal::SigHandler::SigDfl,
         )
     };
-    let cli = Cli::parse();
+    let cli = parse_args(args);
     if cli.version {
         commands::version::print();
         return ExitCode::SUCCESS;
@@ -68,6 +68,22 @@ fn main() -> ExitCode {
                 None => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// Parses the command line; `kill ID` without a signal means SIGTERM, as with runc.
+fn parse_args(args: Vec<std::ffi::OsString>) -> Cli {
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e)
+            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument
+                && args.iter().any(|a| a == "kill") =>
+        {
+            let mut with_term = args.clone();
+            with_term.push("SIGTERM".into());
+            Cli::try_parse_from(with_term).unwrap_or_else(|_| e.exit())
+        }
+        Err(e) => e.exit(),
     }
 }
 

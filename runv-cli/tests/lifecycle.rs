@@ -130,7 +130,8 @@ fn create_start_state_kill_delete() {
     let out = env.run_ok(env.runv().args(["list", "-q"]), 30);
     assert_eq!(text(&out.stdout), "c1\n");
 
-    env.run_ok(env.runv().args(["kill", "c1", "TERM"]), 30);
+    // No signal: SIGTERM, as with runc.
+    env.run_ok(env.runv().args(["kill", "c1"]), 30);
     wait_until(60, "the container to stop", || {
         env.state("c1")["status"] == "stopped"
     });
