@@ -9,7 +9,7 @@ PACKAGES=(
     iproute2 iptables # network tests
     docker.io containerd podman   # engine tests: runv as their runtime
     runc              # the no-VM reference in `cargo xtask bench`
-    pkg-config
+    pkg-config libdevmapper-dev libclang-dev   # the devicemapper crate (storage-devmapper)
 )
 
 missing=()
