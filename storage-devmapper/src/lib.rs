@@ -29,9 +29,11 @@
 //!
 //! # udev
 //!
-//! Without a running udev (`/run/udev/control`), the `devicemapper` crate skips udev cookies (the
-//! `DM_DISABLE_UDEV=1` behaviour of dmsetup) and this driver makes the `/dev/mapper/<name>` block
-//! node itself.
+//! Device-mapper is driven through `dmsetup` with `DM_DISABLE_UDEV=1 --noudevsync`, so it works
+//! without udev (dmsetup makes the `/dev/mapper/<name>` nodes; this driver checks them). The
+//! `devicemapper` crate was tried first and dropped: version 0.34 refuses every ioctl with
+//! "Udev daemon is not running: unable to create devices" when `/run/udev/control` is missing,
+//! as in runv's test host and in minimal hosts.
 //!
 //! All pool changes are made under an exclusive `flock` on `pool_dir/lock`.
 
@@ -42,7 +44,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use devicemapper::{DM, DevId, DmName, DmOptions};
 use nix::fcntl::{Flock, FlockArg};
 use runv_api::{
     Capabilities, PluginInfo, PluginKind, PreparedRootfs, RootfsSource, Storage, StorageRequest,
@@ -232,13 +233,17 @@ impl PoolState {
 /// The pool, locked, with its state loaded.
 struct Pool {
     opts: Options,
-    dm: DM,
     state: PoolState,
     _lock: Flock<fs::File>,
 }
 
-fn dm_err(what: &str) -> impl Fn(devicemapper::DmError) -> String + '_ {
-    move |e| format!("devmapper storage: {what}: {e}")
+/// Runs dmsetup without udev synchronisation: dmsetup then makes the /dev/mapper nodes itself.
+fn dmsetup(args: &[&str]) -> Result<String, String> {
+    run(Command::new("dmsetup")
+        .env("DM_DISABLE_UDEV", "1")
+        .arg("--noudevsync")
+        .args(args))
+    .map_err(|e| format!("devmapper storage: {e}"))
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
@@ -283,10 +288,6 @@ fn sparse_file(path: &Path, size: u64) -> Result<bool, String> {
     Ok(true)
 }
 
-fn name(n: &str) -> Result<&DmName, String> {
-    DmName::new(n).map_err(|e| format!("devmapper storage: name {n:?}: {e}"))
-}
-
 impl Pool {
     fn open(opts: Options) -> Result<Self, String> {
         fs::create_dir_all(&opts.pool_dir)
@@ -305,10 +306,8 @@ impl Pool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => PoolState::default(),
             Err(e) => return Err(format!("reading pool.json: {e}")),
         };
-        let dm = DM::new().map_err(dm_err("opening /dev/mapper/control"))?;
         let mut pool = Pool {
             opts,
-            dm,
             state,
             _lock: lock,
         };
@@ -325,7 +324,8 @@ impl Pool {
     }
 
     fn exists(&self, n: &str) -> Result<bool, String> {
-        Ok(self.dm.device_info(&DevId::Name(name(n)?)).is_ok())
+        valid_name(n)?;
+        Ok(dmsetup(&["info", n]).is_ok())
     }
 
     /// Loads the pool table unless the pool is active already.
@@ -382,31 +382,24 @@ impl Pool {
         target: &str,
         params: String,
     ) -> Result<PathBuf, String> {
-        let id = DevId::Name(name(n)?);
-        self.dm
-            .device_create(name(n)?, None, DmOptions::default())
-            .map_err(dm_err(&format!("creating {n}")))?;
-        let table = [(0, sectors, target.to_string(), params)];
-        let loaded = self
-            .dm
-            .table_load(&id, &table, DmOptions::default())
-            .and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
-        let info = match loaded {
-            Ok(info) => info,
-            Err(e) => {
-                let _ = self.dm.device_remove(&id, DmOptions::default());
-                return Err(format!("devmapper storage: loading {n} ({target}): {e}"));
-            }
-        };
-        let dev = info.device();
-        make_node(n, dev.major, dev.minor)
+        valid_name(n)?;
+        dmsetup(&[
+            "create",
+            n,
+            "--table",
+            &format!("0 {sectors} {target} {params}"),
+        ])?;
+        let numbers = dmsetup(&["info", "-c", "--noheadings", "-o", "major,minor", n])?;
+        let (major, minor) = numbers
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .ok_or_else(|| format!("devmapper storage: dmsetup info {n}: {numbers:?}"))?;
+        make_node(n, major, minor)
     }
 
     fn deactivate(&self, n: &str) -> Result<(), String> {
         if self.exists(n)? {
-            self.dm
-                .device_remove(&DevId::Name(name(n)?), DmOptions::default())
-                .map_err(dm_err(&format!("removing {n}")))?;
+            dmsetup(&["remove", n])?;
         }
         let node = Path::new("/dev/mapper").join(n);
         match fs::remove_file(&node) {
@@ -418,10 +411,7 @@ impl Pool {
     }
 
     fn message(&self, msg: &str) -> Result<(), String> {
-        self.dm
-            .target_msg(&DevId::Name(name(&self.opts.pool_name)?), None, msg)
-            .map(|_| ())
-            .map_err(dm_err(&format!("pool message {msg:?}")))
+        dmsetup(&["message", &self.opts.pool_name, "0", msg]).map(|_| ())
     }
 
     fn thin_params(&self, thin_id: u32) -> String {
@@ -577,14 +567,16 @@ pub fn probe_host() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("the devmapper storage driver needs root".into());
     }
-    let dm = DM::new().map_err(dm_err("opening /dev/mapper/control"))?;
-    let targets = dm.list_versions().map_err(dm_err("listing targets"))?;
-    if !targets.iter().any(|(t, ..)| t == "thin-pool") {
+    let targets = dmsetup(&["targets"])?;
+    if !targets
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("thin-pool"))
+    {
         return Err("device-mapper has no thin-pool target: load dm-thin-pool \
                     (modprobe crc32c first)"
             .into());
     }
-    for tool in ["mkfs.ext4", "losetup", "blockdev"] {
+    for tool in ["dmsetup", "mkfs.ext4", "losetup", "blockdev"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
