@@ -9,7 +9,8 @@ PACKAGES=(
     iproute2 iptables # network tests
     docker.io containerd podman   # engine tests: runv as their runtime
     runc              # the no-VM reference in `cargo xtask bench`
-    pkg-config libdevmapper-dev libclang-dev   # the devicemapper crate (storage-devmapper)
+    pkg-config
+    dmsetup           # storage-devmapper (thin pool and snapshots)
 )
 
 missing=()
