@@ -267,11 +267,25 @@ impl QemuVm {
                 }
             }
         };
-        let remaining = deadline
-            .checked_duration_since(Instant::now())
-            .unwrap_or_default()
-            .max(Duration::from_millis(100));
-        match self.qmp_status_with(remaining) {
+        // qemu creates its sockets one after the other: under load (a nested guest starting
+        // qemu from a slow filesystem) the QMP socket can appear well after the agent's.
+        let status = loop {
+            let remaining = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(100));
+            match self.qmp_status_with(remaining) {
+                Err(e)
+                    if e.starts_with("connecting to QMP")
+                        && Instant::now() < deadline
+                        && self.shared.lock().exit.is_none() =>
+                {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                other => break other,
+            }
+        };
+        match status {
             Ok(status) if status == "running" => Ok(agent),
             Ok(status) => Err(format!("qemu started but the VM is {status}")),
             Err(qmp_error) => {
