@@ -368,7 +368,12 @@ for m in {modules}; do modprobe "$m" || fail "modprobe $m"; done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd"
 cd {workdir} || fail "cd {workdir}"
 echo "{nonce} READY $(cut -d' ' -f1 /proc/uptime)"
-env -i {env} {cmd} </dev/null 2>&1
+# Only critical kernel messages interleave with the command's output from here on.
+{quiet}
+# In the background so that this shell, PID 1, reaps orphans while it waits (dash's wait
+# collects every child); a monitor that daemonized must not linger as a zombie.
+env -i {env} {cmd} </dev/null 2>&1 &
+wait $!
 rc=$?
 echo "$rc" > /run/vmtest/status
 sync
@@ -377,6 +382,11 @@ echo b > /proc/sysrq-trigger
 sleep 60
 "#,
         workdir = sh_quote(&workdir.display().to_string()),
+        quiet = if opts.verbose {
+            ""
+        } else {
+            "echo 2 > /proc/sys/kernel/printk"
+        },
         env = env.join(" "),
         cmd = cmd.join(" "),
     )
@@ -505,6 +515,7 @@ struct ScratchGuard {
 impl Drop for ScratchGuard {
     fn drop(&mut self) {
         if self.keep {
+            let _ = fs::write(self.dir.join("kept"), "");
             eprintln!("xtask vmtest: kept {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
@@ -581,6 +592,15 @@ fn run_in_test_host(opts: &Options) -> Result<Outcome> {
         .unwrap_or_default()
         .as_nanos();
     let nonce = format!("VMTEST-{:x}{:x}", std::process::id(), nanos & 0xffff_ffff);
+    // Scratch directories of runs that were killed (their pid is gone).
+    for e in fs::read_dir(&base)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("run-") {
+            if !Path::new("/proc").join(pid).exists() && !e.path().join("kept").exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let scratch = base.join(format!("run-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch)?;
