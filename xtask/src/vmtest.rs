@@ -292,6 +292,7 @@ fn stage1_script(
     modules_in_root: &Path,
     lib_modules: &Path,
     has_out: bool,
+    workspace: &Path,
 ) -> String {
     let out_mount = if has_out {
         "mkdir -p /newroot/run/vmtest-out\nmount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 \\\n    vmtestout /newroot/run/vmtest-out || fail \"mounting the --out share\"\n"
@@ -317,6 +318,13 @@ mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay 
 for d in dev proc sys; do mount --move /$d /newroot/$d || fail "moving /$d"; done
 mount -t tmpfs -o mode=0755 run /newroot/run
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# A workspace under /tmp or /run (a CI clone, say) is hidden by those fresh mounts: give it back,
+# writable in tmpfs like the rest.
+case "{ws}" in /tmp/*|/run/*)
+    mkdir -p /rw/ws/upper /rw/ws/work /newroot{ws}
+    mount -t overlay -o lowerdir=/lower{ws},upperdir=/rw/ws/upper,workdir=/rw/ws/work overlay \
+        /newroot{ws} || fail "mounting the workspace {ws}";;
+esac
 mkdir -p /newroot/run/vmtest
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmtest /newroot/run/vmtest \
     || fail "mounting the scratch share"
@@ -327,6 +335,7 @@ exec switch_root /newroot /bin/sh /run/vmtest/stage2.sh
 "#,
         lib_modules = lib_modules.display(),
         modules_in_root = modules_in_root.display(),
+        ws = workspace.display(),
     )
 }
 
@@ -616,6 +625,7 @@ fn run_in_test_host(opts: &Options) -> Result<Outcome> {
         &kernel.modules.canonicalize()?,
         &lib_modules,
         opts.out.is_some(),
+        &root,
     );
     let initramfs = scratch.join("initramfs.cpio");
     make_initramfs(&scratch, &kernel, &stage1, &initramfs)?;
