@@ -723,25 +723,13 @@ impl Vm for KvmtoolVm {
             // Read under the lock: the pid cannot be reaped (and reused) meanwhile.
             fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?
         };
-        let (rss, pss) = parse_smaps_rollup(&text);
+        let (rss, pss) = runv_api::parse_smaps_rollup(&text);
         Ok(VmStats {
             host_rss_bytes: rss,
             host_pss_bytes: pss,
             guest_memory_bytes: self.guest_memory_bytes,
         })
     }
-}
-
-/// `Rss:` and `Pss:` of /proc/<pid>/smaps_rollup, in bytes.
-pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 impl Drop for KvmtoolVm {
@@ -804,14 +792,6 @@ mod tests {
         assert_eq!(failed.description.as_str(), "lkvm exited with code 128");
         let unknown = describe_status(&Err("ECHILD".into()), None);
         assert_eq!(unknown.code, -1);
-    }
-
-    #[test]
-    fn smaps_rollup_fields() {
-        let text = "55d0-7ffd ---p 00000000 00:00 0    [rollup]\nRss:              123 kB\n\
-                    Pss:               45 kB\n";
-        assert_eq!(parse_smaps_rollup(text), (123 * 1024, 45 * 1024));
-        assert_eq!(parse_smaps_rollup(""), (0, 0));
     }
 
     #[test]

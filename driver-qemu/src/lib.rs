@@ -27,7 +27,7 @@ pub use cmdline::{
     choose_accel, cpu_mhz_khz, cpuinfo_has_virt_flag, escape, kernel_cmdline,
 };
 pub use qmp::Qmp;
-pub use vm::{LOG_PREFIX, QemuVm, last_qemu_line, parse_smaps_rollup};
+pub use vm::{LOG_PREFIX, QemuVm, last_qemu_line};
 
 /// The qemu binary looked up in `PATH` when `parameters["qemu"]` is not set.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";

@@ -27,6 +27,7 @@ mod adapter;
 mod capabilities;
 mod client;
 mod config;
+mod host;
 
 pub use abi::{
     HypervisorDriverAbi_TO, HypervisorDriverBox, PluginInfo, PluginKind, PluginModule,
@@ -40,6 +41,7 @@ pub use config::{
     BlockDevice, NetInterface, PreparedRootfs, RootfsSource, SharedDir, StorageRequest,
     VM_CONFIG_VERSION, VmConfig,
 };
+pub use host::parse_smaps_rollup;
 
 /// Re-exported so that plugins use exactly the `abi_stable` this crate was built with.
 pub use abi_stable;

@@ -1,0 +1,25 @@
+//! Small host facts every VMM driver needs the same way.
+
+/// `Rss:` and `Pss:` of a /proc/<pid>/smaps_rollup text, in bytes (0 where absent).
+pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smaps_rollup_fields() {
+        let text = "55d0-7ffc ---p 00000000 00:00 0 [rollup]\nRss:   123 kB\nPss:  45 kB\n";
+        assert_eq!(parse_smaps_rollup(text), (123 * 1024, 45 * 1024));
+        assert_eq!(parse_smaps_rollup(""), (0, 0));
+    }
+}
