@@ -89,14 +89,7 @@ pub fn lkvm_binary(parameter: Option<&str>) -> Result<PathBuf, String> {
     }
 }
 
-/// Whether the `flags` line of /proc/cpuinfo names `vmx` (Intel VT-x) or `svm` (AMD-V).
-pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .filter_map(|l| l.split_once(':'))
-        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
+pub use runv_api::cpuinfo_has_virt_flag;
 
 /// Why KVM cannot run kvmtool guests here, if it cannot. `kvm_device` is the result of opening
 /// /dev/kvm read-write.

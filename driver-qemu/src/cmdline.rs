@@ -63,14 +63,7 @@ impl HostFacts {
     }
 }
 
-/// Whether the `flags` line of /proc/cpuinfo names `vmx` (Intel VT-x) or `svm` (AMD-V).
-pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
-    cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .filter_map(|l| l.split_once(':'))
-        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-}
+pub use runv_api::cpuinfo_has_virt_flag;
 
 /// The first `cpu MHz` of /proc/cpuinfo, in kHz.
 pub fn cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {

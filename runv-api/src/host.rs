@@ -12,6 +12,16 @@ pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
     (field("Rss:"), field("Pss:"))
 }
 
+/// Whether the `flags` line of /proc/cpuinfo names `vmx` (Intel VT-x) or `svm` (AMD-V): without
+/// either, a `/dev/kvm` (such as the `kvm_pvm` module's) cannot boot a stock kernel.
+pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .filter_map(|l| l.split_once(':'))
+        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -21,5 +31,13 @@ mod tests {
         let text = "55d0-7ffc ---p 00000000 00:00 0 [rollup]\nRss:   123 kB\nPss:  45 kB\n";
         assert_eq!(parse_smaps_rollup(text), (123 * 1024, 45 * 1024));
         assert_eq!(parse_smaps_rollup(""), (0, 0));
+    }
+
+    #[test]
+    fn virt_flag_is_a_whole_word_of_the_flags_line() {
+        assert!(cpuinfo_has_virt_flag("flags\t: fpu svm tsc\n"));
+        assert!(cpuinfo_has_virt_flag("flags : vmx\n"));
+        assert!(!cpuinfo_has_virt_flag("flags\t: fpu nosvmx tsc\n"));
+        assert!(!cpuinfo_has_virt_flag("model name : svm\n"));
     }
 }
