@@ -4,6 +4,7 @@
 //! exit status.
 
 pub mod config;
+mod rootfs_image;
 mod server;
 pub mod stdio;
 
@@ -32,6 +33,8 @@ pub const READY_FD: i32 = 3;
 
 /// Tag of the rootfs share in the guest.
 const ROOTFS_TAG: &str = "rootfs";
+/// The image a directory rootfs is copied into for drivers that cannot share directories.
+const ROOTFS_IMAGE: &str = "rootfs.img";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Monitor {
@@ -203,6 +206,24 @@ fn setup(
             readonly: bundle.rootfs_readonly,
         },
     };
+
+    let driver_caps = hypervisor.client.info().capabilities;
+    let prepared = match rootfs_image::fit(&config.driver, driver_caps, prepared)? {
+        Ok(prepared) => prepared,
+        Err(PreparedRootfs {
+            source: RootfsSource::SharedDir { path },
+            readonly,
+        }) => {
+            tracing::debug!(
+                "driver {} cannot share directories: copying {} into an ext4 image",
+                config.driver,
+                path.display()
+            );
+            rootfs_image::build(&path, &dir.join(ROOTFS_IMAGE), readonly)?
+        }
+        Err(other) => other,
+    };
+    tracing::debug!(phase = "rootfs-ready", "rootfs ready");
 
     let vm_dir = dir.join("vm");
     std::fs::create_dir_all(&vm_dir)?;

@@ -1,0 +1,58 @@
+//! The native KVM hypervisor driver for runv: an in-process VMM on rust-vmm crates.
+//!
+//! The VM runs inside the calling process (the container's monitor): one thread per vCPU,
+//! one device thread, one supervisor that tears the VM down when it ends.
+//!
+//! * Boot: an ELF vmlinux through its PVH entry, or a bzImage through the 64-bit boot
+//!   protocol (`linux-loader`); the kernel console goes to COM1 (`vm-superio`), which the
+//!   console log receives.
+//! * Devices: virtio-mmio (`virtio-queue`), described to the kernel by ACPI tables
+//!   (`acpi_tables`) because the stock Debian kernel cannot take them from its command line:
+//!   a virtio console (hvc0) is the agent channel, one virtio-blk per block device (the
+//!   rootfs found by its serial). No shared directories and no network device: the core
+//!   turns a directory rootfs into an image for this driver; networked containers need qemu.
+//! * The guest ends the VM by rebooting (`runv.exit=reboot`, `reboot=k`): the i8042 reset.
+//! * pause/resume park the vCPUs between two KVM_RUNs.
+
+pub mod acpi;
+pub mod boot;
+pub mod control;
+pub mod cpu;
+pub mod devices;
+pub mod event_loop;
+pub mod layout;
+pub mod probe;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+
+use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, export_hypervisor};
+
+pub use vm::KvmVm;
+
+/// What this driver can do.
+pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS.union(Capabilities::PAUSE);
+
+pub struct KvmNativeDriver;
+
+impl Hypervisor for KvmNativeDriver {
+    fn info(&self) -> PluginInfo {
+        PluginInfo {
+            kind: PluginKind::Hypervisor,
+            name: "kvm-native".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "in-process VMM on rust-vmm crates (KVM only)".into(),
+            capabilities: CAPABILITIES,
+        }
+    }
+
+    fn probe(&self) -> Result<(), String> {
+        probe::probe_host()
+    }
+
+    fn start_vm(&self, config: VmConfig) -> Result<Box<dyn Vm>, String> {
+        Ok(Box::new(KvmVm::start(&config)?))
+    }
+}
+
+export_hypervisor!(|| Ok(KvmNativeDriver));

@@ -1,0 +1,92 @@
+//! One thread per vCPU: configure it, then run it until the VM ends.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::boot::Entry;
+use crate::control::{self, Control};
+use crate::cpu;
+use crate::devices::Bus;
+
+/// KVM_SYSTEM_EVENT types (include/uapi/linux/kvm.h).
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Creates vCPU `index` of `count` and loads its boot state: the boot vCPU enters the kernel,
+/// the others wait for the kernel's INIT/SIPI in the in-kernel local APIC.
+pub fn create(kvm: &Kvm, vm: &VmFd, index: u8, count: u8, entry: Entry) -> Result<VcpuFd, String> {
+    let what = |step: &str, e: kvm_ioctls::Error| format!("vCPU {index}: {step}: {e}");
+    let vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|e| what("creating", e))?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| what("reading the supported CPUID", e))?;
+    vcpu.set_cpuid2(&cpu::cpuid(supported, index, count))
+        .map_err(|e| what("setting CPUID", e))?;
+    let msrs = cpu::boot_msrs()?;
+    let written = vcpu.set_msrs(&msrs).map_err(|e| what("setting MSRs", e))?;
+    if written != msrs.as_slice().len() {
+        return Err(format!(
+            "vCPU {index}: KVM took {written} of {} boot MSRs",
+            msrs.as_slice().len()
+        ));
+    }
+    let lapic = vcpu.get_lapic().map_err(|e| what("reading the LAPIC", e))?;
+    vcpu.set_lapic(&cpu::lapic_lints(lapic))
+        .map_err(|e| what("setting the LAPIC", e))?;
+    if index == 0 {
+        vcpu.set_fpu(&cpu::fpu())
+            .map_err(|e| what("setting the FPU", e))?;
+        vcpu.set_regs(&cpu::regs(entry))
+            .map_err(|e| what("setting registers", e))?;
+        let sregs = vcpu
+            .get_sregs()
+            .map_err(|e| what("reading segment registers", e))?;
+        vcpu.set_sregs(&cpu::sregs(sregs, entry))
+            .map_err(|e| what("setting segment registers", e))?;
+    }
+    Ok(vcpu)
+}
+
+/// Runs the vCPU until the VM ends, then says why if it was this vCPU that ended it.
+pub fn run(mut vcpu: VcpuFd, index: u8, bus: Arc<Bus>, control: Arc<Control>) {
+    control::unblock_kick();
+    control.vcpu_started();
+    while control.vcpu_may_run() {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            Ok(VcpuExit::Hlt) => control.request_exit(format!("vCPU {index} halted")),
+            Ok(VcpuExit::Shutdown) => {
+                control.request_exit(format!("guest reset (triple fault on vCPU {index})"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => control.request_exit(match kind {
+                SYSTEM_EVENT_SHUTDOWN => "guest powered off".to_string(),
+                SYSTEM_EVENT_RESET => "guest rebooted".to_string(),
+                SYSTEM_EVENT_CRASH => "guest crashed".to_string(),
+                other => format!("guest system event {other}"),
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => control.request_exit(format!(
+                "KVM could not enter vCPU {cpu} (hardware reason {reason:#x})"
+            )),
+            Ok(VcpuExit::InternalError) => control.request_exit(format!(
+                "KVM internal error on vCPU {index} (an emulation failure: does this host's KVM \
+                 run full guests?)"
+            )),
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                control.request_exit(format!("unexpected exit on vCPU {index}: {other:?}"))
+            }
+            Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {
+                // A kick: loop around to look at the run state.
+            }
+            Err(e) => control.request_exit(format!("KVM_RUN on vCPU {index}: {e}")),
+        }
+    }
+    control.vcpu_stopped();
+}

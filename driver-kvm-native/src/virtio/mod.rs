@@ -1,0 +1,101 @@
+//! virtio devices on the MMIO transport (virtio 1.x, split queues).
+//!
+//! Threads: the MMIO registers are read and written by vCPU threads; queue notifications
+//! (ioeventfds registered with KVM) and host file descriptors are served by the VMM's event
+//! loop. Both reach a device through the `Mutex` around its [`MmioTransport`].
+
+pub mod block;
+pub mod console;
+pub mod mmio;
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use block::Block;
+pub use console::Console;
+pub use mmio::MmioTransport;
+
+/// virtio device ids (virtio 1.2, 5).
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// InterruptStatus bits of the MMIO transport.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// The device's interrupt line: the InterruptStatus register plus the irqfd that KVM turns
+/// into an edge on the device's GSI.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: Arc<EventFd>) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            irqfd,
+        }
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        // An eventfd write fails only when the counter would overflow: it is pending anyway.
+        let _ = self.irqfd.write(1);
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// One virtio device behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered (including `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space (out-of-range bytes read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: the queues are valid from now on.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queues: Vec<virtio_queue::Queue>,
+        acked_features: u64,
+    ) -> Result<(), String>;
+    /// The guest notified queue `index`.
+    fn queue_notify(&mut self, index: u16);
+    /// Host file descriptors the event loop watches for this device, edge-triggered for both
+    /// reading and writing; events before activation are the device's to remember.
+    fn host_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `fd` (one of [`host_fds`](Self::host_fds)) became readable and/or writable.
+    fn host_fd_ready(&mut self, _fd: RawFd, _readable: bool, _writable: bool) {}
+    /// The driver reset the device: drop the queues and go back to the state before activate.
+    fn reset(&mut self);
+}
