@@ -103,21 +103,12 @@ impl KvmVm {
         control::install_kick_handler()?;
 
         let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDR)
-            .map_err(kvm_err("setting the TSS address"))?;
-        vm.create_irq_chip().map_err(kvm_err(
-            "creating the in-kernel IOAPIC, PIC and local APICs",
-        ))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("creating the in-kernel PIT"))?;
+        let vm = new_vm(&kvm)?;
 
         let ranges = layout::ram_ranges(config.memory_mib)?;
         let mem = layout::guest_memory(config.memory_mib)?;
-        register_memory(&vm, &mem)?;
+        // SAFETY: the supervisor thread owns `mem` and drops it only after `vm`.
+        unsafe { register_memory(&vm, &mem) }?;
 
         let control = Arc::new(Control::default());
         let (agent_host, agent_guest) =
@@ -275,7 +266,28 @@ impl KvmVm {
     }
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), String> {
+/// A KVM VM with the in-kernel IOAPIC, PIC, local APICs and PIT.
+pub fn new_vm(kvm: &Kvm) -> Result<VmFd, String> {
+    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR)
+        .map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err(
+        "creating the in-kernel IOAPIC, PIC and local APICs",
+    ))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("creating the in-kernel PIT"))?;
+    Ok(vm)
+}
+
+/// Hands every region of `mem` to KVM as a memory slot.
+///
+/// # Safety
+///
+/// `mem` must stay mapped as long as `vm` exists: the guest reads and writes it.
+pub unsafe fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), String> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -288,7 +300,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), String> {
             userspace_addr: host as u64,
         };
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
-        // the supervisor thread keeps until after the VM fd (and with it the slot) is closed.
+        // the caller keeps mapped for as long as the VM exists.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("registering guest memory with KVM"))?;
     }
