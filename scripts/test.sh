@@ -26,7 +26,7 @@ in_test_host() {
     [ -n "$bin" ] || { echo "no test binary for $package/$test" >&2; return 1; }
     for attempt in 1 2; do
         status=0
-        cargo xtask vmtest --no-build --timeout 400 -- "$bin" --nocapture || status=$?
+        cargo xtask vmtest --no-build --timeout 400 -- "$bin" --nocapture --test-threads=1 || status=$?
         if [ "$status" -ne 124 ] && [ "$status" -ne 125 ]; then
             return "$status"
         fi

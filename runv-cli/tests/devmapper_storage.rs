@@ -1,6 +1,7 @@
 //! `runv --storage devmapper run`: the container's rootfs is a thin snapshot handed to the VM
 //! as a virtio-blk disk. Needs device-mapper in the kernel: CI runs this binary inside the
-//! test host (`cargo xtask vmtest`); elsewhere it says it is skipped.
+//! test host (`cargo xtask vmtest`); elsewhere it says it is skipped. Runs on the default
+//! driver (qemu, with KVM in the test host) and on kvm-native (which needs a usable KVM).
 
 mod common;
 
@@ -14,7 +15,25 @@ fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
         println!("skipped: no /dev/mapper/control");
         return;
     }
-    let env = Env::new("dm");
+    thin_snapshot_run("dm", &[]);
+}
+
+#[test]
+fn kvm_native_runs_a_container_on_a_thin_snapshot() {
+    if !Path::new("/dev/mapper/control").exists() {
+        println!("skipped: no /dev/mapper/control");
+        return;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !runv_api::cpuinfo_has_virt_flag(&cpuinfo) || !Path::new("/dev/kvm").exists() {
+        println!("skipped: no usable KVM for the kvm-native driver (no vmx/svm or no /dev/kvm)");
+        return;
+    }
+    thin_snapshot_run("dmkn", &["--driver", "kvm-native"]);
+}
+
+fn thin_snapshot_run(id: &str, driver: &[&str]) {
+    let env = Env::new(id);
     let bundle = env.bundle(
         "b",
         &[
@@ -25,9 +44,10 @@ fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
     );
     let out = env.run(
         env.runv()
+            .args(driver)
             .args(["--storage", "devmapper", "run", "--bundle"])
             .arg(&bundle)
-            .arg("dm1"),
+            .arg(id),
         600,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -39,7 +59,7 @@ fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
         "the bundle stays untouched"
     );
     assert!(
-        !Path::new("/dev/mapper/runv-c-dm1").exists(),
+        !Path::new(&format!("/dev/mapper/runv-c-{id}")).exists(),
         "the snapshot is removed"
     );
     env.assert_clean();

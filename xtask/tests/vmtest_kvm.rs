@@ -7,69 +7,13 @@
 //! Fails with a clear message when qemu-system-x86_64 is missing; skips (saying so) only when
 //! the host's qemu has no TCG accelerator.
 
+mod common;
+
 use std::fs;
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-}
-
-/// A busybox bundle whose container runs `args` (as `cargo xtask demo` makes it).
-fn make_bundle(runv: &Path, dir: &Path, args: &[&str]) {
-    let rootfs = dir.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
-        fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox not found: install busybox-static"
-    );
-    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = symlink("busybox", rootfs.join("bin").join(applet));
-        }
-    }
-    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    let st = Command::new(runv)
-        .args(["spec", "--bundle"])
-        .arg(dir)
-        .status()
-        .unwrap();
-    assert!(st.success(), "runv spec failed");
-    let path = dir.join("config.json");
-    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    spec["process"]["terminal"] = false.into();
-    spec["process"]["args"] = serde_json::json!(args);
-    spec["root"]["readonly"] = false.into();
-    fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
-}
-
-/// The value after `KEY=` on the first line that starts with it.
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use common::{
+    TempDir, assert_built, make_bundle, qemu_with_tcg, run_in_test_host, target_dir, value,
+};
 
 /// Everything the KVM path needs, in one test-host boot.
 const SCRIPT: &str = r#"
@@ -121,40 +65,17 @@ echo "SCRIPT-DONE=yes"
 
 #[test]
 fn qemu_driver_uses_kvm_inside_the_test_host() {
-    let qemu = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file());
-    let Some(qemu) = qemu else {
-        panic!("qemu-system-x86_64 not found: install qemu-system-x86 (scripts/setup.sh does)");
-    };
-    let accels = Command::new(&qemu)
-        .args(["-accel", "help"])
-        .output()
-        .unwrap();
-    if !String::from_utf8_lossy(&accels.stdout)
-        .lines()
-        .any(|l| l.trim() == "tcg")
-    {
-        eprintln!(
-            "SKIPPED qemu_driver_uses_kvm_inside_the_test_host: {} has no TCG accelerator",
-            qemu.display()
-        );
+    if qemu_with_tcg("qemu_driver_uses_kvm_inside_the_test_host").is_none() {
         return;
     }
     let target = target_dir();
     let runv = target.join("debug/runv");
-    for needed in [
-        runv.clone(),
-        target.join("debug/librunv_driver_qemu.so"),
-        target.join("guest/vmlinux"),
-        target.join("guest/initrd.img"),
-    ] {
-        assert!(
-            needed.exists(),
-            "{} is missing: run `cargo build --workspace` and `cargo xtask guest` first",
-            needed.display()
-        );
-    }
+    assert_built(&[
+        "debug/runv",
+        "debug/librunv_driver_qemu.so",
+        "guest/vmlinux",
+        "guest/initrd.img",
+    ]);
     let release = fs::read_to_string(target.join("guest/kernel.release")).unwrap();
 
     // Under target/ (the test host sees the host's / but has its own fresh /tmp).
@@ -176,28 +97,8 @@ fn qemu_driver_uses_kvm_inside_the_test_host() {
     let script = dir.0.join("kvm-checks.sh");
     fs::write(&script, SCRIPT).unwrap();
 
-    // The script needs ~30 s; a test host that wedges (nested TCG+SVM does now and then: all
-    // its timers stop, so even the script's own `timeout`s do not fire) ends at --timeout with
-    // status 124 and is retried once, saying so.
-    let run = || {
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["vmtest", "--no-build", "--timeout", "240", "--"])
-            .arg("sh")
-            .arg(&script)
-            .arg(&bundle)
-            .arg(&auto)
-            .current_dir(workspace())
-            .output()
-            .unwrap()
-    };
-    let mut out = run();
-    if out.status.code() == Some(124) {
-        eprintln!(
-            "the test host timed out (output so far:\n{}); retrying once",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        out = run();
-    }
+    // The script needs ~30 s.
+    let out = run_in_test_host(&script, &[&bundle, &auto], 240);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");

@@ -120,7 +120,8 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     match status {
-        Status::Stopped => {}
+        // The monitor records the exit before it takes the VM down: let it finish.
+        Status::Stopped => wait_for_monitor(ctx, id)?,
         Status::Created => destroy(ctx, id)?,
         Status::Running | Status::Paused | Status::Creating if force => destroy(ctx, id)?,
         other => bail!(
@@ -134,11 +135,16 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> anyhow::Result<()> {
 
 /// Ends the VM of a live container and waits for its monitor to exit.
 fn destroy(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
-    let state = ctx.store.load(id)?;
     let dir = ctx.store.dir(id);
     if let Err(e) = control::call(&dir, &Request::Destroy, Duration::from_secs(10)) {
         tracing::debug!("asking the monitor to stop: {e:#}");
     }
+    wait_for_monitor(ctx, id)
+}
+
+/// Waits for the container's monitor (and with it the VM) to be gone, killing it after 10 s.
+fn wait_for_monitor(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let state = ctx.store.load(id)?;
     if state.pid > 0 {
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(state.pid, state.runv.monitor_start_time) && Instant::now() < deadline {

@@ -1,0 +1,159 @@
+//! Both KVM hypervisor paths, end to end inside a test host (`xtask vmtest`, where kvm-amd
+//! gives a real nested KVM): `--driver kvm-native` and `--driver qemu --accel kvm` each boot
+//! the guest, run a busybox container and return its exit status, and carry a detached
+//! container through create, start, exec, pause, resume, kill and delete, leaving nothing
+//! behind. `runv drivers` lists kvm-native as available there.
+//!
+//! Needs `cargo build --workspace` and `cargo xtask guest` first (scripts/test.sh does both).
+
+mod common;
+
+use std::fs;
+
+use common::{
+    TempDir, assert_built, make_bundle, qemu_with_tcg, run_in_test_host, target_dir, value,
+};
+
+const SCRIPT: &str = r#"
+set -u
+B="$1"        # prints CONTAINER-KERNEL, exits 42
+SLEEPER="$2"  # sleeps
+step() { echo "== $*"; }
+R=/tmp/r
+
+step "runv drivers"
+runv drivers
+runv drivers --format json | tr -d ' \n' | grep -o '{[^{}]*"name":"kvm-native"[^{}]*}' | sed 's/^/KN-DRIVER=/'
+
+for spec in "kvm-native:--driver kvm-native" "qemu-kvm:--driver qemu --accel kvm"; do
+    name=${spec%%:*}
+    flags=${spec#*:}
+    step "$name: run"
+    timeout 120 runv $flags --root $R run --bundle "$B" run-$name </dev/null
+    echo "$name-RUN-RC=$?"
+
+    step "$name: create, start, exec, pause, resume, kill, delete"
+    id=life-$name
+    timeout 120 runv $flags --root $R create --bundle "$SLEEPER" $id </dev/null
+    echo "$name-CREATE-RC=$?"
+    timeout 30 runv --root $R start $id
+    echo "$name-START-RC=$?"
+    timeout 60 runv --root $R exec $id sh -c "echo $name-EXEC-OUT=\$(cat /proc/1/comm); exit 5"
+    echo "$name-EXEC-RC=$?"
+    timeout 30 runv --root $R pause $id
+    echo "$name-PAUSE-RC=$?"
+    runv --root $R state $id | tr -d ' \n' | grep -o '"status":"[a-z]*"' | sed "s/^/$name-PAUSED-/"
+    timeout 30 runv --root $R resume $id
+    echo "$name-RESUME-RC=$?"
+    timeout 60 runv --root $R exec $id true
+    echo "$name-EXEC-AFTER-RESUME-RC=$?"
+    timeout 30 runv --root $R kill $id KILL
+    echo "$name-KILL-RC=$?"
+    for _ in $(seq 150); do
+        runv --root $R state $id | grep -q '"stopped"' && break
+        sleep 0.2
+    done
+    runv --root $R state $id | tr -d ' \n' | grep -o '"status":"[a-z]*"' | sed "s/^/$name-KILLED-/"
+    timeout 30 runv --root $R delete $id
+    echo "$name-DELETE-RC=$?"
+    if [ -e $R/$id ] || [ -e $R/run-$name ]; then echo "$name-LEFTOVER=state"; fi
+    if pgrep -f "runv __monitor" >/dev/null; then echo "$name-LEFTOVER=monitor"; fi
+    if pgrep qemu-system >/dev/null; then
+        ps -eo pid,ppid,stat,etimes,args | grep '[q]emu-system' | cut -c1-200
+        sleep 3
+        if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
+    fi
+done
+echo "SCRIPT-DONE=yes"
+"#;
+
+#[test]
+fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
+    if qemu_with_tcg("kvm_native_and_qemu_kvm_run_containers_inside_the_test_host").is_none() {
+        return;
+    }
+    assert_built(&[
+        "debug/runv",
+        "debug/librunv_driver_qemu.so",
+        "debug/librunv_driver_kvm_native.so",
+        "guest/vmlinux",
+        "guest/initrd.img",
+    ]);
+    let target = target_dir();
+    let runv = target.join("debug/runv");
+    let release = fs::read_to_string(target.join("guest/kernel.release")).unwrap();
+
+    // Under target/ (the test host sees the host's / but has its own fresh /tmp).
+    let dir = TempDir(target.join(format!("vmtest-drivers-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&dir.0);
+    let bundle = dir.0.join("bundle");
+    make_bundle(
+        &runv,
+        &bundle,
+        &["sh", "-c", "echo \"CONTAINER-KERNEL=$(uname -r)\"; exit 42"],
+    );
+    let sleeper = dir.0.join("sleeper");
+    make_bundle(&runv, &sleeper, &["sleep", "600"]);
+    let script = dir.0.join("drivers.sh");
+    fs::write(&script, SCRIPT).unwrap();
+
+    let out = run_in_test_host(&script, &[&bundle, &sleeper], 400);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+    println!("{all}");
+    assert!(
+        out.status.success(),
+        "xtask vmtest failed: {}\n{all}",
+        out.status
+    );
+    assert_eq!(value(&stdout, "SCRIPT-DONE"), Some("yes"), "{all}");
+
+    let kn = value(&stdout, "KN-DRIVER").unwrap_or_default();
+    assert!(
+        kn.contains("\"available\":true"),
+        "kvm-native in runv drivers: {kn:?}\n{all}"
+    );
+
+    // Each driver printed the guest's kernel: two containers, one per driver.
+    let kernels: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("CONTAINER-KERNEL="))
+        .collect();
+    assert_eq!(kernels, [release.trim(), release.trim()], "{all}");
+    for name in ["kvm-native", "qemu-kvm"] {
+        let key = |k: &str| format!("{name}-{k}");
+        let expect = |k: &str, v: &str| {
+            assert_eq!(value(&stdout, &key(k)), Some(v), "{}\n{all}", key(k));
+        };
+        expect("RUN-RC", "42");
+        for step in [
+            "CREATE-RC",
+            "START-RC",
+            "PAUSE-RC",
+            "RESUME-RC",
+            "KILL-RC",
+            "DELETE-RC",
+        ] {
+            expect(step, "0");
+        }
+        // exec ran in the container (whose pid 1 is the sleeper) and its status came back.
+        expect("EXEC-OUT", "sleep");
+        expect("EXEC-RC", "5");
+        expect("EXEC-AFTER-RESUME-RC", "0");
+        assert!(
+            stdout.contains(&format!("{name}-PAUSED-\"status\":\"paused\"")),
+            "{name} paused state\n{all}"
+        );
+        assert!(
+            stdout.contains(&format!("{name}-KILLED-\"status\":\"stopped\"")),
+            "{name} stopped after kill\n{all}"
+        );
+        assert_eq!(
+            value(&stdout, &key("LEFTOVER")),
+            None,
+            "{}\n{all}",
+            key("LEFTOVER")
+        );
+    }
+}
