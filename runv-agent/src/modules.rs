@@ -94,11 +94,19 @@ impl Modules {
         Ok(())
     }
 
-    /// Loads the virtio transports, then a driver for every virtio device present.
+    /// Loads the virtio transports, then a driver for every virtio device present; on Xen,
+    /// the Xen front-ends.
     pub fn load_for_devices(&self) {
         for m in ["virtio_mmio", "virtio_pci"] {
             if let Err(e) = self.ensure(m) {
                 crate::warn!("{e}");
+            }
+        }
+        if on_xen() {
+            for m in XEN_FRONTENDS {
+                if let Err(e) = self.ensure(m) {
+                    crate::warn!("{e}");
+                }
             }
         }
         let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
@@ -127,4 +135,12 @@ impl Modules {
             }
         }
     }
+}
+
+/// The Xen front-end drivers a Xen guest may need.
+const XEN_FRONTENDS: [&str; 3] = ["xen_blkfront", "xen_netfront", "9pnet_xen"];
+
+/// Whether this guest runs on Xen (xenbus is up).
+pub fn on_xen() -> bool {
+    std::path::Path::new("/sys/bus/xen/devices").exists()
 }

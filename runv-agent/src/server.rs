@@ -316,7 +316,13 @@ impl Agent {
                 {
                     let mut shares = lock(&self.shares);
                     if !shares.contains(tag) {
-                        for m in ["9pnet_virtio", "9p"] {
+                        // Xen shares 9p over its own transport (driver-xen's `p9 =`).
+                        let (transport, trans) = if crate::modules::on_xen() {
+                            ("9pnet_xen", "trans=xen,version=9p2000.L,msize=262144")
+                        } else {
+                            ("9pnet_virtio", "trans=virtio,version=9p2000.L,msize=262144")
+                        };
+                        for m in [transport, "9p"] {
                             self.modules.ensure(m).map_err(err)?;
                         }
                         std::fs::create_dir_all(&share)
@@ -326,7 +332,7 @@ impl Agent {
                             &share,
                             Some("9p"),
                             MsFlags::empty(),
-                            Some("trans=virtio,version=9p2000.L,msize=262144"),
+                            Some(trans),
                         )
                         .map_err(|e| err(format!("mount 9p share {tag:?}: {e}")))?;
                         shares.insert(tag.clone());

@@ -30,6 +30,10 @@ const MODULES: &[&str] = &[
     "overlay",
     "vmw_vsock_virtio_transport",
     "virtio_net",
+    // Xen guests (driver-xen): block and network front-ends, 9p over Xen.
+    "xen_blkfront",
+    "xen_netfront",
+    "9pnet_xen",
 ];
 
 fn workspace_root() -> PathBuf {
