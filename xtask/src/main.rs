@@ -19,8 +19,9 @@ tasks:
   dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
         install bin/runv, the chosen plugins under lib/runv and the guest files under
         share/runv (default: every built driver but the example)
-  bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build]
-        interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc
+  bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only]
+        interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc;
+        section 7 compares kvm-native with qemu-kvm inside the test host
   vmtest [--no-build] [--timeout S] [--boot-timeout S] [--out DIR] [--keep] -- COMMAND...
         run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
 ";

@@ -1,8 +1,9 @@
-//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build]`: runv's
+//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only]`: runv's
 //! cold start, exec, throughput and memory on this machine, against a floor (the same qemu,
 //! kernel and memory booting an initrd whose /init powers off at once) and runc. Runs are
 //! interleaved round by round; medians with min/max; ratios paired per round. See BENCHMARKS.md.
 
+mod nested;
 mod parse;
 mod stats;
 
@@ -32,6 +33,8 @@ struct Opts {
     runs: usize,
     drivers: Option<Vec<String>>,
     build: bool,
+    nested: bool,
+    nested_only: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
@@ -40,12 +43,16 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         runs: 5,
         drivers: None,
         build: true,
+        nested: true,
+        nested_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--json" => o.json = true,
             "--no-build" => o.build = false,
+            "--no-nested" => o.nested = false,
+            "--nested-only" => o.nested_only = true,
             "--runs" => {
                 o.runs = it
                     .next()
@@ -401,7 +408,15 @@ pub fn run(args: &[String]) -> Result<()> {
         &["/bin/sleep", "100000"],
         &[],
     )?;
-    let report = bench.all(&release, &ws)?;
+    let report = if bench.opts.nested_only {
+        json!({ "nested_kvm": nested::run(&ws, &release, bench.opts.runs)? })
+    } else {
+        bench.all(&release, &ws)?
+    };
+    if bench.opts.nested_only && !bench.opts.json {
+        print!("{}", nested::table(&report["nested_kvm"]));
+        return Ok(());
+    }
     if bench.opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -589,7 +604,11 @@ impl Bench {
         report["cold"] = json!(cold);
         report["phases"] = phases_json(&phase_samples);
         report["floor_guest"] = floor_guest_json(&floor_marks);
-        report["nested_kvm"] = json!("skipped: needs the test host (issue 6)");
+        report["nested_kvm"] = if self.opts.nested {
+            nested::run(ws, release, self.opts.runs)?
+        } else {
+            json!("skipped (--no-nested)")
+        };
         Ok(report)
     }
 
@@ -1403,10 +1422,6 @@ fn table(r: &Value) -> String {
         f(&fit["guest_ram_fully_touched"]),
         r["vm_memory_mib"]
     );
-    let _ = writeln!(
-        s,
-        "\n7. nested KVM: {}",
-        r["nested_kvm"].as_str().unwrap_or("")
-    );
+    s.push_str(&nested::table(&r["nested_kvm"]));
     s
 }
