@@ -66,7 +66,7 @@ impl Shared {
 
 pub struct KvmVm {
     shared: Arc<Shared>,
-    agent: Mutex<Option<OwnedFd>>,
+    agent: runv_api::AgentChannel,
     console_log: PathBuf,
     memory_bytes: u64,
     vcpus: usize,
@@ -246,7 +246,7 @@ impl KvmVm {
 
         Ok(Self {
             shared,
-            agent: Mutex::new(Some(OwnedFd::from(agent_host))),
+            agent: runv_api::AgentChannel::new(OwnedFd::from(agent_host)),
             console_log: config.console_log.clone(),
             memory_bytes: config.memory_mib << 20,
             vcpus: vcpu_count as usize,
@@ -309,11 +309,7 @@ pub unsafe fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), St
 
 impl Vm for KvmVm {
     fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        self.agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| "the agent channel was already taken".to_string())
+        self.agent.take()
     }
 
     fn console_log(&self) -> PathBuf {

@@ -256,7 +256,7 @@ pub struct KvmtoolVm {
     log_offset: u64,
     console_log: PathBuf,
     guest_memory_bytes: u64,
-    agent: Mutex<Option<OwnedFd>>,
+    agent: runv_api::AgentChannel,
     /// The driver's end of the agent socketpair, shut down on drop to end the relay.
     relay: Mutex<Option<OwnedFd>>,
     /// Serializes lkvm control commands.
@@ -362,7 +362,7 @@ impl KvmtoolVm {
             log_offset,
             console_log,
             guest_memory_bytes,
-            agent: Mutex::new(None),
+            agent: runv_api::AgentChannel::default(),
             relay: Mutex::new(None),
             control: Mutex::new(()),
         };
@@ -381,7 +381,7 @@ impl KvmtoolVm {
         let tty = open_tty(&agent_pty)?;
         vm.wait_control_socket(deadline)?;
         let channel = vm.start_relay(tty)?;
-        *vm.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
+        vm.agent.set(channel);
         Ok(vm)
     }
 
@@ -623,11 +623,7 @@ fn host_to_guest(relay: OwnedFd, mut tty: File) {
 
 impl Vm for KvmtoolVm {
     fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        self.agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| "the agent channel was already taken".to_string())
+        self.agent.take()
     }
 
     fn console_log(&self) -> PathBuf {

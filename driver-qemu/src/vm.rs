@@ -141,7 +141,7 @@ pub struct QemuVm {
     log_offset: u64,
     console_log: PathBuf,
     guest_memory_bytes: u64,
-    agent: Mutex<Option<OwnedFd>>,
+    agent: runv_api::AgentChannel,
     /// Serializes QMP operations: the QMP socket takes one client at a time.
     qmp: Mutex<()>,
 }
@@ -221,12 +221,12 @@ impl QemuVm {
             log_offset,
             console_log,
             guest_memory_bytes,
-            agent: Mutex::new(None),
+            agent: runv_api::AgentChannel::default(),
             qmp: Mutex::new(()),
         };
         // On error `vm` is dropped, which kills and reaps qemu.
         let agent = vm.connect_agent(Instant::now() + start_timeout)?;
-        *vm.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.into());
+        vm.agent.set(agent.into());
         Ok(vm)
     }
 
@@ -372,11 +372,7 @@ fn reaper(mut command: Command, tx: mpsc::Sender<std::io::Result<u32>>, shared: 
 
 impl Vm for QemuVm {
     fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        self.agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| "the agent channel was already taken".to_string())
+        self.agent.take()
     }
 
     fn console_log(&self) -> PathBuf {

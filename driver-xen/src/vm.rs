@@ -191,7 +191,7 @@ pub struct XenVm {
     log_offset: u64,
     console_log: PathBuf,
     guest_memory_bytes: u64,
-    agent: Mutex<Option<OwnedFd>>,
+    agent: runv_api::AgentChannel,
     console: Mutex<Option<Child>>,
 }
 
@@ -272,12 +272,12 @@ impl XenVm {
             log_offset,
             console_log,
             guest_memory_bytes,
-            agent: Mutex::new(None),
+            agent: runv_api::AgentChannel::default(),
             console: Mutex::new(None),
         };
         // From here on an error drops `vm`, which destroys the domain and kills xl.
         let agent = vm.connect_agent(deadline)?;
-        *vm.agent.lock().unwrap_or_else(|e| e.into_inner()) = Some(agent.into());
+        vm.agent.set(agent.into());
         vm.start_console()?;
         run_xl(&vm.xl, &["unpause", &vm.paths.domain_name])?;
         Ok(vm)
@@ -394,11 +394,7 @@ fn reaper(mut command: Command, tx: mpsc::Sender<std::io::Result<u32>>, shared: 
 
 impl Vm for XenVm {
     fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        self.agent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| "the agent channel was already taken".to_string())
+        self.agent.take()
     }
 
     fn console_log(&self) -> PathBuf {

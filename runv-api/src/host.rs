@@ -1,4 +1,30 @@
-//! Small host facts every VMM driver needs the same way.
+//! Small host facts and pieces every VMM driver needs the same way.
+
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+/// A VM's agent channel, handed out once (`Vm::take_agent_channel`).
+#[derive(Default)]
+pub struct AgentChannel(Mutex<Option<OwnedFd>>);
+
+impl AgentChannel {
+    pub fn new(fd: OwnedFd) -> Self {
+        Self(Mutex::new(Some(fd)))
+    }
+
+    /// Sets the channel (once the hypervisor has connected it).
+    pub fn set(&self, fd: OwnedFd) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    }
+
+    pub fn take(&self) -> Result<OwnedFd, String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| "the agent channel was already taken".to_string())
+    }
+}
 
 /// `Rss:` and `Pss:` of a /proc/<pid>/smaps_rollup text, in bytes (0 where absent).
 pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
@@ -25,6 +51,16 @@ pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_channel_is_taken_once() {
+        let channel = AgentChannel::default();
+        assert!(channel.take().is_err());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        channel.set(a.into());
+        assert!(channel.take().is_ok());
+        assert!(channel.take().unwrap_err().contains("already taken"));
+    }
 
     #[test]
     fn smaps_rollup_fields() {

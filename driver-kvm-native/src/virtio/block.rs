@@ -99,21 +99,7 @@ impl Block {
         let mem = &active.mem;
         let queue = &mut active.queue;
         let mut used = false;
-        let mut rearmed = false;
-        loop {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // Re-enable kicks and look once more for requests that came in between; a
-                // second miss in a row means the ring is empty (or broken).
-                if rearmed {
-                    break;
-                }
-                rearmed = true;
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            };
-            rearmed = false;
+        while let Some(chain) = super::pop_or_enable_notification(queue, mem) {
             let head = chain.head_index();
             let len = self.disk.handle(mem, chain);
             // A failure means a head index beyond the ring: the guest broke its own queue.

@@ -99,7 +99,6 @@ impl Console {
         let mem = &active.mem;
         let queue = &mut active.queues[RX_QUEUE];
         let mut used = false;
-        let mut rearmed = false;
         loop {
             if self.rx_pos >= self.rx_buf.len() {
                 self.rx_buf.clear();
@@ -114,20 +113,10 @@ impl Console {
                 }
                 continue;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                // Out of buffers with input pending: ask the guest to kick when it adds some,
-                // and look once more in case it did in between. A second miss in a row means
-                // the ring is empty (or broken), not that a buffer is on its way.
-                if rearmed {
-                    break;
-                }
-                rearmed = true;
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => break,
-                }
+            // Out of buffers with input pending: the guest kicks when it adds some.
+            let Some(chain) = super::pop_or_enable_notification(queue, mem) else {
+                break;
             };
-            rearmed = false;
             let head = chain.head_index();
             let placed = write_to_chain(mem, chain, &self.rx_buf[self.rx_pos..]);
             self.rx_pos += placed;
@@ -149,22 +138,13 @@ impl Console {
         let mem = &active.mem;
         let queue = &mut active.queues[TX_QUEUE];
         let mut used = false;
-        let mut rearmed = false;
         while self.host_writable || self.host_broken {
             let tx = match self.tx_current.as_mut() {
                 Some(tx) => tx,
                 None => {
-                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                        if rearmed {
-                            break;
-                        }
-                        rearmed = true;
-                        match queue.enable_notification(mem) {
-                            Ok(true) => continue,
-                            _ => break,
-                        }
+                    let Some(chain) = super::pop_or_enable_notification(queue, mem) else {
+                        break;
                     };
-                    rearmed = false;
                     self.tx_current.insert(TxChain::new(chain))
                 }
             };

@@ -69,6 +69,22 @@ impl Interrupt {
     }
 }
 
+/// The next available chain; when there is none, re-enables guest notifications and looks
+/// once more, for a chain the guest added in between (with EVENT_IDX it will not kick for it).
+pub fn pop_or_enable_notification<'a>(
+    queue: &mut virtio_queue::Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
+    use virtio_queue::QueueT;
+    if let Some(chain) = queue.pop_descriptor_chain(mem) {
+        return Some(chain);
+    }
+    match queue.enable_notification(mem) {
+        Ok(true) => queue.pop_descriptor_chain(mem),
+        _ => None,
+    }
+}
+
 /// One virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
