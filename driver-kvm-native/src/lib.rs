@@ -9,8 +9,8 @@
 //! * Devices: virtio-mmio (`virtio-queue`), described to the kernel by ACPI tables
 //!   (`acpi_tables`) because the stock Debian kernel cannot take them from its command line:
 //!   a virtio console (hvc0) is the agent channel, one virtio-blk per block device (the
-//!   rootfs found by its serial). No shared directories and no network device: the core
-//!   turns a directory rootfs into an image for this driver; networked containers need qemu.
+//!   rootfs found by its serial), one virtio-net per tap the core made. No shared
+//!   directories: the core turns a directory rootfs into an image for this driver.
 //! * The guest ends the VM by rebooting (`runv.exit=reboot`, `reboot=k`): the i8042 reset.
 //! * pause/resume park the vCPUs between two KVM_RUNs.
 
@@ -22,6 +22,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod layout;
 pub mod probe;
+pub mod tap;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

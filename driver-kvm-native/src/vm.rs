@@ -86,13 +86,6 @@ impl KvmVm {
                     .into(),
             );
         }
-        if !config.network_interfaces.is_empty() {
-            return Err(format!(
-                "the kvm-native driver has no network device yet, and the container's network \
-                 namespace has {} interface(s): use the qemu driver for networked containers",
-                config.network_interfaces.len()
-            ));
-        }
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(format!(
                 "{} vCPUs asked for; the kvm-native driver runs 1..={MAX_VCPUS}",
@@ -123,6 +116,15 @@ impl KvmVm {
                 .open(&disk.host_path)
                 .map_err(|e| format!("opening the disk {}: {e}", disk.host_path.display()))?;
             devices.push(Box::new(virtio::Block::new(file, disk.readonly, &disk.id)?));
+        }
+        for nic in &config.network_interfaces {
+            let mac = crate::tap::parse_mac(&nic.mac)?;
+            let mtu = u16::try_from(nic.mtu).unwrap_or(u16::MAX);
+            devices.push(Box::new(virtio::Net::new(
+                crate::tap::open(&nic.tap)?,
+                mac,
+                mtu,
+            )));
         }
         let mut slots = Vec::new();
         let mut described = Vec::new();

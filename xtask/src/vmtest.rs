@@ -643,7 +643,12 @@ fn run_in_test_host(opts: &Options) -> Result<Outcome> {
         fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     }
 
-    let mut append = "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4".to_string();
+    // A periodic tick (no NOHZ, no high-resolution timers): under TCG with nested SVM, QEMU
+    // now and then leaves the local APIC timer's interrupt pending and undelivered; with a
+    // one-shot tick that stopped every timer in the test host for good (a "wedge"), while a
+    // periodic tick fires again by itself and delivers it one jiffy later.
+    let mut append =
+        "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4 nohz=off highres=off".to_string();
     if let Some(khz) = tsc_khz() {
         append.push_str(&format!(" tsc_early_khz={khz}"));
     }

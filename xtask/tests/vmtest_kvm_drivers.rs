@@ -2,7 +2,8 @@
 //! gives a real nested KVM): `--driver kvm-native` and `--driver qemu --accel kvm` each boot
 //! the guest, run a busybox container and return its exit status, and carry a detached
 //! container through create, start, exec, pause, resume, kill and delete, leaving nothing
-//! behind. `runv drivers` lists kvm-native as available there.
+//! behind, and connect a container in a network namespace (a veth pair) to the test host. `runv
+//! drivers` lists kvm-native as available there.
 //!
 //! Needs `cargo build --workspace` and `cargo xtask guest` first (scripts/test.sh does both).
 
@@ -18,8 +19,18 @@ const SCRIPT: &str = r#"
 set -u
 B="$1"        # prints CONTAINER-KERNEL, exits 42
 SLEEPER="$2"  # sleeps
+PINGER="$3"   # in netns n1: pings 10.9.0.1
 step() { echo "== $*"; }
 R=/tmp/r
+
+step "a network namespace n1 with 10.9.0.2, its veth peer 10.9.0.1 here"
+ip netns add n1
+ip link add v0 type veth peer name v1
+ip link set v1 netns n1
+ip addr add 10.9.0.1/24 dev v0
+ip link set v0 up
+ip -n n1 addr add 10.9.0.2/24 dev v1
+ip -n n1 link set v1 up
 
 step "runv drivers"
 runv drivers
@@ -31,6 +42,14 @@ for spec in "kvm-native:--driver kvm-native" "qemu-kvm:--driver qemu --accel kvm
     step "$name: run"
     timeout 120 runv $flags --root $R run --bundle "$B" run-$name </dev/null
     echo "$name-RUN-RC=$?"
+
+    step "$name: networking"
+    timeout 120 runv $flags --root $R run --bundle "$PINGER" net-$name </dev/null >/tmp/net.out
+    echo "$name-NET-RC=$?"
+    sed "s/^PING-OK/$name-PING=ok/" /tmp/net.out
+    if tc -n n1 qdisc show dev v1 | grep -q ingress || ip -n n1 link show | grep -q rvtap; then
+        echo "$name-LEFTOVER=network"
+    fi
 
     step "$name: create, start, exec, pause, resume, kill, delete"
     id=life-$name
@@ -94,10 +113,32 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     );
     let sleeper = dir.0.join("sleeper");
     make_bundle(&runv, &sleeper, &["sleep", "600"]);
+    let pinger = dir.0.join("pinger");
+    make_bundle(
+        &runv,
+        &pinger,
+        &[
+            "sh",
+            "-c",
+            "ping -c 2 -W 5 10.9.0.1 >/dev/null && echo PING-OK",
+        ],
+    );
+    let config = pinger.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&config).unwrap()).unwrap();
+    let namespaces = spec["linux"]["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|n| n["type"] != "network");
+    namespaces.push(serde_json::json!({"type": "network", "path": "/var/run/netns/n1"}));
+    for set in ["bounding", "effective", "permitted"] {
+        spec["process"]["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push("CAP_NET_RAW".into());
+    }
+    fs::write(&config, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
     let script = dir.0.join("drivers.sh");
     fs::write(&script, SCRIPT).unwrap();
 
-    let out = run_in_test_host(&script, &[&bundle, &sleeper], 400);
+    let out = run_in_test_host(&script, &[&bundle, &sleeper, &pinger], 400);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
@@ -127,6 +168,9 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
             assert_eq!(value(&stdout, &key(k)), Some(v), "{}\n{all}", key(k));
         };
         expect("RUN-RC", "42");
+        // The container reached the test host through its veth, via the driver's NIC.
+        expect("NET-RC", "0");
+        expect("PING", "ok");
         for step in [
             "CREATE-RC",
             "START-RC",

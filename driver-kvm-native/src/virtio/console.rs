@@ -16,7 +16,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{Interrupt, TYPE_CONSOLE, VirtioDevice};
+use super::{Interrupt, TYPE_CONSOLE, VirtioDevice, signal_used, write_to_chain};
 
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
@@ -323,35 +323,6 @@ fn read_host(stream: &UnixStream, buf: &mut Vec<u8>) -> HostRead {
                 return HostRead::Eof;
             }
         }
-    }
-}
-
-/// Copies the front of `data` into the chain's writable buffers; returns how many bytes
-/// landed. Bytes that did not fit, or met a bad buffer, stay with the caller.
-fn write_to_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    data: &[u8],
-) -> usize {
-    let mut placed = 0;
-    for desc in chain.writable() {
-        let rest = &data[placed..];
-        if rest.is_empty() {
-            break;
-        }
-        let n = usize::try_from(desc.len()).map_or(rest.len(), |len| len.min(rest.len()));
-        if mem.write_slice(&rest[..n], desc.addr()).is_err() {
-            break;
-        }
-        placed += n;
-    }
-    placed
-}
-
-fn signal_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    // When the ring cannot be read, an extra interrupt is the safe side.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
     }
 }
 

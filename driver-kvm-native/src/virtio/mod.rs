@@ -7,17 +7,20 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::Block;
 pub use console::Console;
 pub use mmio::MmioTransport;
+pub use net::Net;
 
 /// virtio device ids (virtio 1.2, 5).
 pub const TYPE_CONSOLE: u32 = 3;
@@ -82,6 +85,35 @@ pub fn pop_or_enable_notification<'a>(
     match queue.enable_notification(mem) {
         Ok(true) => queue.pop_descriptor_chain(mem),
         _ => None,
+    }
+}
+
+/// Copies the front of `data` into the chain's writable buffers; returns how many bytes
+/// landed. Bytes that did not fit, or met a bad buffer, stay with the caller.
+pub fn write_to_chain(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    data: &[u8],
+) -> usize {
+    let mut placed = 0;
+    for desc in chain.writable() {
+        let rest = &data[placed..];
+        if rest.is_empty() {
+            break;
+        }
+        let n = usize::try_from(desc.len()).map_or(rest.len(), |len| len.min(rest.len()));
+        if mem.write_slice(&rest[..n], desc.addr()).is_err() {
+            break;
+        }
+        placed += n;
+    }
+    placed
+}
+
+pub fn signal_used(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+    // When the ring cannot be read, an extra interrupt is the safe side.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
     }
 }
 

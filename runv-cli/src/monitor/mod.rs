@@ -47,6 +47,8 @@ pub struct Monitor {
     /// Exec'd processes waiting for their exit: exec id → where to send the status.
     pub execs: Mutex<HashMap<String, std::sync::mpsc::Sender<ExitStatus>>>,
     pub relay: Mutex<Option<stdio::Relay>>,
+    /// The `(interface, tap)` pairs connecting the container's network to the VM.
+    pub network_links: Vec<(String, String)>,
 }
 
 /// Entry point of `runv __monitor DIR`.
@@ -84,6 +86,7 @@ pub fn main(dir: &Path) -> ExitCode {
                 tracing::error!("{message}");
                 report(&format!("error {message}"));
                 shutdown_vm(&monitor);
+                crate::network::teardown(&monitor.network_links);
                 return ExitCode::from(1);
             }
             report("ok");
@@ -127,6 +130,7 @@ fn init_logging(config: &MonitorConfig, dir: &Path) -> anyhow::Result<()> {
 #[derive(Default)]
 struct Cleanup {
     vm: Option<Arc<VmClient>>,
+    network_links: Vec<(String, String)>,
     storage: Option<(String, StorageRequest)>,
 }
 
@@ -136,6 +140,7 @@ impl Cleanup {
             let _ = vm.stop(Duration::from_millis(100));
             let _ = vm.wait();
         }
+        crate::network::teardown(&std::mem::take(&mut self.network_links));
         if let Some((name, request)) = self.storage.take() {
             if let Some(s) = registry.storage(&name) {
                 if let Err(e) = s.client.cleanup(&request) {
@@ -281,6 +286,8 @@ fn setup(
         crate::network::in_host_netns(|| hooks::run(&bundle.spec, point, &oci_state))?;
     }
     let network = crate::network::prepare(&netns)?;
+    let network_links = crate::network::links_of(&network);
+    cleanup.network_links = network_links.clone();
     vm_config.network_interfaces = network.nics.clone();
 
     let vm = Arc::new(
@@ -368,6 +375,7 @@ fn setup(
     // From here on, the monitor stops the VM and `delete` cleans the storage up.
     cleanup.storage = None;
     cleanup.vm = None;
+    cleanup.network_links.clear();
     Ok(Monitor {
         id: config.id.clone(),
         dir: dir.to_path_buf(),
@@ -377,6 +385,7 @@ fn setup(
         client,
         execs: Mutex::new(HashMap::new()),
         relay: Mutex::new(Some(relay)),
+        network_links,
     })
 }
 
@@ -457,6 +466,7 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
         tracing::warn!("recording the exit: {e:#}");
     }
     shutdown_vm(&monitor);
+    crate::network::teardown(&monitor.network_links);
     tracing::debug!(phase = "vm-stopped", "VM stopped");
     let _ = std::fs::remove_file(monitor.dir.join(crate::state::CONTROL_SOCKET));
     status

@@ -160,6 +160,34 @@ pub fn prepare(netns: &Netns) -> anyhow::Result<VmNetwork> {
     Ok(net)
 }
 
+/// Undoes [`prepare`] for `(interface, tap)` pairs, once the VM is gone: the namespace may
+/// outlive the container (a named netns given by the user), and a second container there must
+/// find it as the first did. Best effort: what is already gone is fine.
+pub fn teardown(pairs: &[(String, String)]) {
+    for (link, tap) in pairs {
+        if let Err(e) = tc(&["qdisc", "del", "dev", link, "ingress"]) {
+            tracing::debug!("{e:#}");
+        }
+        match Command::new("ip").args(["link", "del", tap]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::debug!(
+                "ip link del {tap}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => tracing::debug!("ip link del {tap}: {e}"),
+        }
+    }
+}
+
+/// The `(interface, tap)` pairs of a prepared network, for [`teardown`].
+pub fn links_of(net: &VmNetwork) -> Vec<(String, String)> {
+    net.interfaces
+        .iter()
+        .zip(&net.nics)
+        .map(|(i, n)| (i.name.clone(), n.tap.clone()))
+        .collect()
+}
+
 fn make_tap(tap: &str, link: &Link) -> anyhow::Result<()> {
     netlink::create_tap(tap).with_context(|| format!("creating tap {tap}"))?;
     tc(&["qdisc", "add", "dev", &link.name, "ingress"])?;
