@@ -2,8 +2,9 @@
 //! gives a real nested KVM): `--driver kvm-native` and `--driver qemu --accel kvm` each boot
 //! the guest, run a busybox container and return its exit status, and carry a detached
 //! container through create, start, exec, pause, resume, kill and delete, leaving nothing
-//! behind, and connect a container in a network namespace (a veth pair) to the test host. `runv
-//! drivers` lists kvm-native as available there.
+//! behind, and connect a container in a network namespace (a veth pair) to the test host.
+//! kvm-native also boots the bzImage (the 64-bit boot protocol; the vmlinux goes through PVH).
+//! `runv drivers` lists kvm-native as available there.
 //!
 //! Needs `cargo build --workspace` and `cargo xtask guest` first (scripts/test.sh does both).
 
@@ -20,6 +21,7 @@ set -u
 B="$1"        # prints CONTAINER-KERNEL, exits 42
 SLEEPER="$2"  # sleeps
 PINGER="$3"   # in netns n1: pings 10.9.0.1
+VMLINUZ="$4"  # the guest kernel as a bzImage
 step() { echo "== $*"; }
 R=/tmp/r
 
@@ -83,6 +85,10 @@ for spec in "kvm-native:--driver kvm-native" "qemu-kvm:--driver qemu --accel kvm
         if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
     fi
 done
+
+step "kvm-native: the bzImage, through the 64-bit boot protocol"
+timeout 200 runv --driver kvm-native --kernel "$VMLINUZ" --root $R run --bundle "$B" bz </dev/null
+echo "BZIMAGE-RUN-RC=$?"
 echo "SCRIPT-DONE=yes"
 "#;
 
@@ -96,6 +102,7 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
         "debug/librunv_driver_qemu.so",
         "debug/librunv_driver_kvm_native.so",
         "guest/vmlinux",
+        "guest/vmlinuz",
         "guest/initrd.img",
     ]);
     let target = target_dir();
@@ -138,7 +145,8 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     let script = dir.0.join("drivers.sh");
     fs::write(&script, SCRIPT).unwrap();
 
-    let out = run_in_test_host(&script, &[&bundle, &sleeper, &pinger], 400);
+    let vmlinuz = target.join("guest/vmlinuz");
+    let out = run_in_test_host(&script, &[&bundle, &sleeper, &pinger, &vmlinuz], 400);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
@@ -156,12 +164,14 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
         "kvm-native in runv drivers: {kn:?}\n{all}"
     );
 
-    // Each driver printed the guest's kernel: two containers, one per driver.
+    // Each driver printed the guest's kernel (one container per driver, then kvm-native booting
+    // the bzImage), and the bzImage run's status came back too.
     let kernels: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("CONTAINER-KERNEL="))
         .collect();
-    assert_eq!(kernels, [release.trim(), release.trim()], "{all}");
+    assert_eq!(kernels, [release.trim(); 3], "{all}");
+    assert_eq!(value(&stdout, "BZIMAGE-RUN-RC"), Some("42"), "{all}");
     for name in ["kvm-native", "qemu-kvm"] {
         let key = |k: &str| format!("{name}-{k}");
         let expect = |k: &str, v: &str| {
