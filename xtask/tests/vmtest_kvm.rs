@@ -47,12 +47,14 @@ t1=$(now_ms)
 echo "RUN-KVM-RC=$rc"
 echo "RUN-KVM-MS=$((t1 - t0))"
 
-step "runv run without --accel (the driver chooses)"
+step "runv run --detach without --accel (the driver chooses)"
 t0=$(now_ms)
-# In the foreground with --keep (a detached run here hung in CI once, under investigation), so
-# the state and the VM's log stay for the checks below.
-timeout 120 runv --root /tmp/r run --keep --bundle "$AUTO" c2 </dev/null
+timeout 120 runv --root /tmp/r run --detach --bundle "$AUTO" c2 </dev/null
 echo "RUN-D-RC=$?"
+for _ in $(seq 300); do
+    runv --root /tmp/r state c2 | grep -q '"stopped"' && break
+    sleep 0.2
+done
 t1=$(now_ms)
 runv --root /tmp/r state c2 | grep -o '"status": *"[a-z]*"' | sed 's/^/AUTO-STATE=/'
 echo "RUN-AUTO-MS=$((t1 - t0))"
