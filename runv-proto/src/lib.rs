@@ -47,11 +47,13 @@
 //! The guest is not trusted: the decoder checks the length before allocating, rejects unknown
 //! frame types and bad JSON with an error that says what was wrong, and never panics.
 
+pub mod capabilities;
 pub mod client;
 pub mod frame;
 pub mod message;
 pub mod mux;
 
+pub use capabilities::LINUX_CAPABILITIES;
 pub use frame::{Frame, FrameReader, FrameType, FrameWriter, decode_frame};
 pub use message::*;
 pub use mux::{Mux, OutputHandle};
