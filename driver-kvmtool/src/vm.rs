@@ -19,26 +19,23 @@
 //!   confirmed with `lkvm list`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix::pty::{PtyMaster, grantpt, posix_openpt, ptsname_r, unlockpt};
-use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, Shutdown, SockFlag, SockType, send, shutdown, socketpair,
 };
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
-use nix::unistd::Pid;
+use runv_api::vmm_process::{EarlyExit, KILL_GRACE, VmmProcess, VmmTool};
 use runv_api::{Vm, VmExit, VmStats};
 
 use crate::cmdline::{AGENT_TERM, VmPaths, assigned_pty, list_state};
@@ -52,8 +49,6 @@ pub const TERM_ESCAPE: u8 = 0x01;
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `stop` waits after `lkvm stop` before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-/// How long `stop` and `Drop` wait for the reaper after SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How long pause/resume wait for `lkvm list` to show the new state.
 const STATE_CONFIRM: Duration = Duration::from_secs(5);
 
@@ -68,96 +63,15 @@ pub fn escape_term_input(data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-#[derive(Default)]
-struct ProcState {
-    exit: Option<Result<ExitStatus, String>>,
-    ended_by_host: Option<&'static str>,
-}
-
-struct Shared {
-    state: Mutex<ProcState>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, ProcState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits until lkvm has been reaped or `timeout` passed; true when reaped.
-    fn wait_exit(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.exit.is_none() {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
-    }
-}
+static LKVM: VmmTool = VmmTool {
+    name: "lkvm",
+    log_prefix: LOG_PREFIX,
+    os: runv_api::vmm_nix_os_calls!(),
+};
 
 /// Appends one diagnostic line to the driver log file (best effort).
 pub fn log_line(log_file: &Path, message: &str) {
-    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log_file) {
-        let _ = writeln!(f, "{LOG_PREFIX} {message}");
-    }
-}
-
-/// The last line lkvm wrote to the log after `offset` (the driver's own lines skipped).
-pub fn last_tool_line(log_file: &Path, offset: u64) -> Option<String> {
-    let mut f = File::open(log_file).ok()?;
-    let len = f.metadata().ok()?.len();
-    let start = offset.max(len.saturating_sub(64 * 1024));
-    f.seek(SeekFrom::Start(start)).ok()?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty() && !l.starts_with(LOG_PREFIX))
-        .map(str::to_string)
-}
-
-/// How the VM ended, in words.
-pub fn describe_status(status: &Result<ExitStatus, String>, ended_by_host: Option<&str>) -> VmExit {
-    match status {
-        Err(e) => VmExit {
-            code: -1,
-            signal: 0,
-            description: format!("lkvm ended, status unknown: {e}").into(),
-        },
-        Ok(status) => {
-            let code = status.code().unwrap_or(-1);
-            let signal = status.signal().unwrap_or(0);
-            let what = if signal != 0 {
-                let name = Signal::try_from(signal)
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|_| format!("signal {signal}"));
-                match ended_by_host {
-                    Some(how) => format!("{how}: lkvm killed by {name}"),
-                    None => format!("lkvm killed by {name}"),
-                }
-            } else if let Some(how) = ended_by_host {
-                how.to_string()
-            } else if code == 0 {
-                "the guest shut down".to_string()
-            } else {
-                format!("lkvm exited with code {code}")
-            };
-            VmExit {
-                code: if signal != 0 { 0 } else { code },
-                signal,
-                description: what.into(),
-            }
-        }
-    }
+    LKVM.log_line(log_file, message)
 }
 
 /// Puts a terminal into raw mode: no echo, no line editing, no character translation.
@@ -249,11 +163,9 @@ pub struct StartSpec {
 }
 
 pub struct KvmtoolVm {
-    pid: u32,
-    shared: Arc<Shared>,
+    process: VmmProcess,
     lkvm: PathBuf,
     paths: VmPaths,
-    log_offset: u64,
     console_log: PathBuf,
     guest_memory_bytes: u64,
     agent: runv_api::AgentChannel,
@@ -310,36 +222,8 @@ impl KvmtoolVm {
             .env("HOME", &paths.home)
             .stdin(Stdio::from(stdin))
             .stdout(Stdio::from(console_slave))
-            .stderr(Stdio::from(stderr_write))
-            // Its own process group: a Ctrl-C aimed at the monitor's group does not reach lkvm.
-            .process_group(0);
-        let parent = nix::unistd::getpid();
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (prctl, getppid), without allocating.
-        unsafe {
-            command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                if nix::unistd::getppid() != parent {
-                    return Err(nix::errno::Errno::ESRCH.into());
-                }
-                Ok(())
-            });
-        }
-
-        let shared = Arc::new(Shared {
-            state: Mutex::new(ProcState::default()),
-            changed: Condvar::new(),
-        });
-        let (tx, rx) = mpsc::channel();
-        let reaper_shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("lkvm-reaper".into())
-            .spawn(move || reaper(command, tx, reaper_shared))
-            .map_err(|e| format!("starting the lkvm reaper thread: {e}"))?;
-        let pid = rx
-            .recv()
-            .map_err(|_| "the lkvm reaper thread ended early".to_string())?
-            .map_err(|e| format!("starting {}: {e}", lkvm.display()))?;
+            .stderr(Stdio::from(stderr_write));
+        let process = VmmProcess::spawn(&LKVM, command, paths.log_file.clone(), log_offset)?;
 
         // The console: lkvm's terminal 0 into the console log, until lkvm is gone.
         thread::Builder::new()
@@ -355,11 +239,9 @@ impl KvmtoolVm {
             .map_err(|e| format!("starting the stderr thread: {e}"))?;
 
         let vm = Self {
-            pid,
-            shared,
+            process,
             lkvm,
             paths,
-            log_offset,
             console_log,
             guest_memory_bytes,
             agent: runv_api::AgentChannel::default(),
@@ -388,7 +270,7 @@ impl KvmtoolVm {
     /// Waits for lkvm's control socket, which `lkvm stop/pause/resume` need.
     fn wait_control_socket(&self, deadline: Instant) -> Result<(), String> {
         loop {
-            if self.shared.lock().exit.is_some() {
+            if self.process.has_exited() {
                 return Err(self.early_exit_error());
             }
             if self.paths.control_socket.exists() {
@@ -432,23 +314,16 @@ impl KvmtoolVm {
 
     /// Why lkvm failed to start, from its stderr.
     fn early_exit_error(&self) -> String {
-        self.shared.wait_exit(Duration::from_secs(2));
-        let status = self.shared.lock().exit.clone();
-        match last_tool_line(&self.paths.log_file, self.log_offset) {
-            Some(line) => format!("lkvm failed to start: {line}"),
-            None => match status {
-                Some(status) => format!(
-                    "lkvm exited before the VM started ({})",
-                    describe_status(&status, None).description
-                ),
-                None => "lkvm closed its stderr before the VM started".to_string(),
-            },
+        match self.process.early_exit() {
+            EarlyExit::LastLine(line) => format!("lkvm failed to start: {line}"),
+            EarlyExit::Status(how) => format!("lkvm exited before the VM started ({how})"),
+            EarlyExit::NotReaped => "lkvm closed its stderr before the VM started".to_string(),
         }
     }
 
     /// Runs `lkvm <verb> --name NAME`, unless lkvm has exited.
     fn control(&self, verb: &str) -> Result<String, String> {
-        if self.shared.lock().exit.is_some() {
+        if self.process.has_exited() {
             return Err("the VM has already exited".into());
         }
         let _guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
@@ -485,55 +360,13 @@ impl KvmtoolVm {
         }
     }
 
-    /// Sends `signal` to lkvm unless it has been reaped. Returns whether it was sent.
-    fn signal(&self, signal: Signal, why: &'static str) -> bool {
-        let mut state = self.shared.lock();
-        if state.exit.is_some() {
-            return false;
-        }
-        state.ended_by_host.get_or_insert(why);
-        kill(Pid::from_raw(self.pid as i32), signal).is_ok()
-    }
-
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.process.pid()
     }
 
     pub fn log_file(&self) -> &Path {
         &self.paths.log_file
     }
-}
-
-fn reaper(mut command: Command, tx: mpsc::Sender<std::io::Result<u32>>, shared: Arc<Shared>) {
-    let spawned = command.spawn();
-    // The command holds the parent's copies of the pty slave and the stderr pipe: close them,
-    // so that the console and stderr threads see the end when lkvm exits.
-    drop(command);
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            let _ = tx.send(Err(e));
-            return;
-        }
-    };
-    let pid = child.id();
-    let _ = tx.send(Ok(pid));
-    let waited = loop {
-        match waitid(
-            Id::Pid(Pid::from_raw(pid as i32)),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
-        }
-    };
-    let mut state = shared.lock();
-    let status = match waited {
-        Ok(_) => child.wait().map_err(|e| e.to_string()),
-        Err(e) => Err(format!("waiting for lkvm (pid {pid}): {e}")),
-    };
-    state.exit = Some(status);
-    shared.changed.notify_all();
 }
 
 /// Copies lkvm's terminal 0 into the console log until lkvm has gone (EIO on the master).
@@ -645,107 +478,54 @@ impl Vm for KvmtoolVm {
     /// 2. then runs `lkvm stop --name NAME` and waits up to 3 s;
     /// 3. then sends SIGKILL and waits for the reaper.
     fn stop(&self, timeout: Duration) -> Result<(), String> {
-        if self.shared.wait_exit(timeout) {
-            return Ok(());
-        }
-        {
-            let mut state = self.shared.lock();
-            if state.exit.is_some() {
-                return Ok(());
-            }
-            state
-                .ended_by_host
-                .get_or_insert("stopped by the host (lkvm stop)");
-        }
-        let sent = self.control("stop");
-        if let Err(e) = &sent {
-            log_line(&self.paths.log_file, &format!("warning: {e}"));
-        }
-        if sent.is_ok() && self.shared.wait_exit(STOP_GRACE) {
-            return Ok(());
-        }
-        self.signal(
-            Signal::SIGKILL,
+        self.process.stop(
+            timeout,
+            "stopped by the host (lkvm stop)",
+            || match self.control("stop") {
+                Ok(_) => true,
+                Err(e) => {
+                    log_line(&self.paths.log_file, &format!("warning: {e}"));
+                    false
+                }
+            },
+            STOP_GRACE,
             "killed by the host: the guest did not stop in time",
-        );
-        if self.shared.wait_exit(KILL_GRACE) {
-            Ok(())
-        } else {
-            Err(format!(
-                "lkvm (pid {}) did not exit after SIGKILL",
-                self.pid
-            ))
-        }
+        )
     }
 
     fn wait(&self) -> Result<VmExit, String> {
-        let mut state = self.shared.lock();
-        while state.exit.is_none() {
-            state = self
-                .shared
-                .changed
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-        let status = state
-            .exit
-            .clone()
-            .unwrap_or_else(|| Err("no status".into()));
-        let mut exit = describe_status(&status, state.ended_by_host);
-        drop(state);
-        if exit.code != 0 {
-            if let Some(line) = last_tool_line(&self.paths.log_file, self.log_offset) {
-                exit.description = format!("{}: {line}", exit.description).into();
-            }
-        }
-        Ok(exit)
+        Ok(self.process.wait())
     }
 
     fn pids(&self) -> Vec<u32> {
-        if self.shared.lock().exit.is_some() {
-            Vec::new()
-        } else {
-            vec![self.pid]
-        }
+        self.process.pids()
     }
 
     fn stats(&self) -> Result<VmStats, String> {
-        let path = format!("/proc/{}/smaps_rollup", self.pid);
-        let text = {
-            let state = self.shared.lock();
-            if state.exit.is_some() {
-                return Err("the VM has exited".into());
-            }
-            // Read under the lock: the pid cannot be reaped (and reused) meanwhile.
-            fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?
-        };
-        let (rss, pss) = runv_api::parse_smaps_rollup(&text);
-        Ok(VmStats {
-            host_rss_bytes: rss,
-            host_pss_bytes: pss,
-            guest_memory_bytes: self.guest_memory_bytes,
-        })
+        self.process.stats(self.guest_memory_bytes)
     }
 }
 
 impl Drop for KvmtoolVm {
     /// A VM does not outlive its handle: lkvm is killed and reaped, the relay ended.
     fn drop(&mut self) {
-        if self.signal(
-            Signal::SIGKILL,
-            "killed by the host: the VM handle was dropped",
-        ) {
-            self.shared.wait_exit(KILL_GRACE);
+        if self
+            .process
+            .kill("killed by the host: the VM handle was dropped")
+        {
+            self.process.wait_exit(KILL_GRACE);
         }
         if let Some(relay) = self.relay.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&relay), Shutdown::Both);
         }
-        let state = self.shared.lock();
-        if let Some(status) = &state.exit {
-            let exit = describe_status(status, state.ended_by_host);
+        if let Some(exit) = self.process.ended() {
             log_line(
                 &self.paths.log_file,
-                &format!("lkvm (pid {}) ended: {}", self.pid, exit.description),
+                &format!(
+                    "lkvm (pid {}) ended: {}",
+                    self.process.pid(),
+                    exit.description
+                ),
             );
         }
     }
@@ -753,6 +533,9 @@ impl Drop for KvmtoolVm {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
     use super::*;
 
     #[test]
@@ -769,10 +552,10 @@ mod tests {
 
     #[test]
     fn exit_descriptions() {
-        let ok = describe_status(&Ok(ExitStatus::from_raw(0)), None);
+        let ok = LKVM.describe_status(&Ok(ExitStatus::from_raw(0)), None);
         assert_eq!((ok.code, ok.signal), (0, 0));
         assert_eq!(ok.description.as_str(), "the guest shut down");
-        let stopped = describe_status(
+        let stopped = LKVM.describe_status(
             &Ok(ExitStatus::from_raw(0)),
             Some("stopped by the host (lkvm stop)"),
         );
@@ -780,13 +563,13 @@ mod tests {
             stopped.description.as_str(),
             "stopped by the host (lkvm stop)"
         );
-        let killed = describe_status(&Ok(ExitStatus::from_raw(9)), Some("killed by the host"));
+        let killed = LKVM.describe_status(&Ok(ExitStatus::from_raw(9)), Some("killed by the host"));
         assert_eq!((killed.code, killed.signal), (0, 9));
         assert!(killed.description.as_str().contains("SIGKILL"));
-        let failed = describe_status(&Ok(ExitStatus::from_raw(128 << 8)), None);
+        let failed = LKVM.describe_status(&Ok(ExitStatus::from_raw(128 << 8)), None);
         assert_eq!(failed.code, 128);
         assert_eq!(failed.description.as_str(), "lkvm exited with code 128");
-        let unknown = describe_status(&Err("ECHILD".into()), None);
+        let unknown = LKVM.describe_status(&Err("ECHILD".into()), None);
         assert_eq!(unknown.code, -1);
     }
 
@@ -797,13 +580,13 @@ mod tests {
         let log = dir.join("kvmtool.log");
         fs::write(&log, "  Fatal: an old run\n").unwrap();
         let offset = fs::metadata(&log).unwrap().len();
-        assert_eq!(last_tool_line(&log, offset), None);
+        assert_eq!(LKVM.last_tool_line(&log, offset), None);
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         writeln!(f, "  Fatal: unable to load kernel /x\n").unwrap();
         drop(f);
         log_line(&log, "lkvm ended");
         assert_eq!(
-            last_tool_line(&log, offset).as_deref(),
+            LKVM.last_tool_line(&log, offset).as_deref(),
             Some("Fatal: unable to load kernel /x")
         );
         fs::remove_dir_all(&dir).unwrap();

@@ -28,6 +28,7 @@ mod capabilities;
 mod client;
 mod config;
 mod host;
+pub mod vmm_process;
 
 pub use abi::{
     HypervisorDriverAbi_TO, HypervisorDriverBox, PluginInfo, PluginKind, PluginModule,
