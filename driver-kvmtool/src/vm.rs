@@ -66,7 +66,6 @@ pub fn escape_term_input(data: &[u8], out: &mut Vec<u8>) {
 static LKVM: VmmTool = VmmTool {
     name: "lkvm",
     log_prefix: LOG_PREFIX,
-    os: runv_api::vmm_nix_os_calls!(),
 };
 
 /// Appends one diagnostic line to the driver log file (best effort).

@@ -35,7 +35,6 @@ const QUIT_GRACE: Duration = Duration::from_secs(3);
 static QEMU: VmmTool = VmmTool {
     name: "qemu",
     log_prefix: LOG_PREFIX,
-    os: runv_api::vmm_nix_os_calls!(),
 };
 
 /// Appends one diagnostic line to the driver log file (best effort).

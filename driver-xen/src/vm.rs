@@ -38,7 +38,6 @@ const DESTROY_GRACE: Duration = Duration::from_secs(10);
 static XL: VmmTool = VmmTool {
     name: "xl",
     log_prefix: LOG_PREFIX,
-    os: runv_api::vmm_nix_os_calls!(),
 };
 
 /// Appends one diagnostic line to the driver log file (best effort).

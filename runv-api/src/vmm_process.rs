@@ -9,9 +9,6 @@
 //! The reaper first waits without reaping (the process stays a zombie, its pid cannot be
 //! reused), then takes the state lock and reaps. Signals are sent under the same lock and only
 //! while no exit status is recorded, so a signal never reaches a recycled pid.
-//!
-//! This crate has no libc bindings (plugins share it and it stays small), so the few system
-//! calls std lacks come from the driver as [`OsCalls`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -31,47 +28,24 @@ pub const KILL_GRACE: Duration = Duration::from_secs(10);
 /// `ESRCH` (the same number on every Linux architecture).
 const ESRCH: i32 = 3;
 
-/// System calls std does not offer, supplied by the driver (with nix).
-pub struct OsCalls {
-    /// `prctl(PR_SET_PDEATHSIG, SIGKILL)`. Runs in the forked child before exec, so it must be
-    /// async-signal-safe and must not allocate.
-    pub set_pdeathsig_kill: fn() -> std::io::Result<()>,
-    /// Blocks until `pid` has exited without reaping it (`waitid` with `WNOWAIT`), retrying
-    /// on EINTR. The error is the text used in the exit description.
-    pub wait_exited: fn(pid: u32) -> Result<(), String>,
-    /// The name of a signal number, e.g. `SIGKILL`.
-    pub signal_name: fn(signal: i32) -> Option<&'static str>,
+/// Blocks until `pid` has exited without reaping it (`waitid` with `WNOWAIT`).
+fn wait_exited(pid: u32) -> Result<(), String> {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    loop {
+        match waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other.map(drop).map_err(|e| e.to_string()),
+        }
+    }
 }
 
-/// [`OsCalls`] made with nix, for a plugin that depends on `nix` (features `process` and
-/// `signal`). A macro, like [`export_hypervisor!`](crate::export_hypervisor), so that the calls
-/// are written once while this crate stays without libc bindings.
-#[macro_export]
-macro_rules! vmm_nix_os_calls {
-    () => {
-        $crate::vmm_process::OsCalls {
-            set_pdeathsig_kill: || {
-                Ok(::nix::sys::prctl::set_pdeathsig(
-                    ::nix::sys::signal::Signal::SIGKILL,
-                )?)
-            },
-            wait_exited: |pid| loop {
-                use ::nix::sys::wait::{Id, WaitPidFlag, waitid};
-                match waitid(
-                    Id::Pid(::nix::unistd::Pid::from_raw(pid as i32)),
-                    WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-                ) {
-                    Err(::nix::errno::Errno::EINTR) => continue,
-                    other => return other.map(drop).map_err(|e| e.to_string()),
-                }
-            },
-            signal_name: |signal| {
-                ::nix::sys::signal::Signal::try_from(signal)
-                    .ok()
-                    .map(::nix::sys::signal::Signal::as_str)
-            },
-        }
-    };
+fn signal_name(signal: i32) -> Option<&'static str> {
+    nix::sys::signal::Signal::try_from(signal)
+        .ok()
+        .map(nix::sys::signal::Signal::as_str)
 }
 
 /// What differs between the drivers' VMM programs.
@@ -81,7 +55,6 @@ pub struct VmmTool {
     /// Starts the lines the driver itself writes into the log file, which also holds the
     /// program's own output; [`VmmTool::last_tool_line`] skips them.
     pub log_prefix: &'static str,
-    pub os: OsCalls,
 }
 
 impl VmmTool {
@@ -126,7 +99,7 @@ impl VmmTool {
                 let code = status.code().unwrap_or(-1);
                 let signal = status.signal().unwrap_or(0);
                 let what = if signal != 0 {
-                    let name = (self.os.signal_name)(signal)
+                    let name = signal_name(signal)
                         .map(str::to_string)
                         .unwrap_or_else(|| format!("signal {signal}"));
                     match ended_by_host {
@@ -204,14 +177,13 @@ impl VmmProcess {
         let name = tool.name;
         let program = PathBuf::from(command.get_program());
         command.process_group(0);
-        let set_pdeathsig = tool.os.set_pdeathsig_kill;
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls (prctl, getppid) and builds errors from raw errno
         // values, without allocating.
         unsafe {
             command.pre_exec(move || {
-                set_pdeathsig()?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 // The parent may have died between fork and prctl: then nobody would kill us.
                 if std::os::unix::process::parent_id() != parent {
                     return Err(std::io::Error::from_raw_os_error(ESRCH));
@@ -421,7 +393,7 @@ fn reaper(
     shared.lock().child = Some(child);
     let _ = tx.send(Ok(pid));
     // Wait without reaping, so that the pid stays ours while signals may still be sent.
-    let waited = (tool.os.wait_exited)(pid);
+    let waited = wait_exited(pid);
     let mut state = shared.lock();
     let status = match waited {
         Ok(()) => match state.child.as_mut() {
@@ -440,18 +412,9 @@ fn reaper(
 mod tests {
     use super::*;
 
-    fn no_signal_names(_: i32) -> Option<&'static str> {
-        None
-    }
-
     static TOOL: VmmTool = VmmTool {
         name: "vmm",
         log_prefix: "runv-test:",
-        os: OsCalls {
-            set_pdeathsig_kill: || Ok(()),
-            wait_exited: |_| Ok(()),
-            signal_name: no_signal_names,
-        },
     };
 
     #[test]
@@ -463,10 +426,7 @@ mod tests {
         assert_eq!(stopped.description.as_str(), "stopped");
         let killed = TOOL.describe_status(&Ok(ExitStatus::from_raw(9)), Some("killed"));
         assert_eq!((killed.code, killed.signal), (0, 9));
-        assert_eq!(
-            killed.description.as_str(),
-            "killed: vmm killed by signal 9"
-        );
+        assert_eq!(killed.description.as_str(), "killed: vmm killed by SIGKILL");
         let failed = TOOL.describe_status(&Ok(ExitStatus::from_raw(128 << 8)), None);
         assert_eq!(failed.code, 128);
         assert_eq!(failed.description.as_str(), "vmm exited with code 128");
