@@ -69,6 +69,14 @@ fn start(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
     let state = monitor.store.load(&monitor.id)?;
     let oci_state = state.to_oci_json();
     crate::network::in_host_netns(|| hooks::run(&monitor.spec, Point::StartContainer, &oci_state))?;
+    if let Some(relay) = monitor
+        .relay
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        relay.sync_tty_size();
+    }
     agent(
         monitor,
         AgentRequest::StartContainer {

@@ -41,9 +41,19 @@ pub enum HostStdio {
 pub struct Relay {
     outputs: Vec<OutputHandle>,
     done: Arc<AtomicBool>,
+    /// Sends the tty's current size to the guest now (a tty relay only).
+    sync_size: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Relay {
+    /// Makes the guest's terminal the host terminal's size before the process runs: the
+    /// watcher looks only every 200 ms, and a shell's first `stty size` must not see 0x0.
+    pub fn sync_tty_size(&self) {
+        if let Some(sync) = &self.sync_size {
+            sync();
+        }
+    }
+
     pub fn wait_output(&self, timeout: Duration) {
         for o in &self.outputs {
             o.wait(timeout);
@@ -63,10 +73,11 @@ pub fn start(
     client: &AgentClient,
     ids: Stdio,
     host: HostStdio,
-    resize: impl Fn(u16, u16) -> Request + Send + 'static,
+    resize: impl Fn(u16, u16) -> Request + Send + Sync + 'static,
 ) -> std::io::Result<Relay> {
     let done = Arc::new(AtomicBool::new(false));
     let mut outputs = Vec::new();
+    let mut sync_size: Option<Box<dyn Fn() + Send + Sync>> = None;
     match host {
         HostStdio::Plain {
             stdin,
@@ -87,10 +98,28 @@ pub fn start(
             if let Some(id) = ids.stdin {
                 pump(client.clone(), id, File::from(tty.try_clone()?));
             }
-            watch_size(client.clone(), tty, done.clone(), resize);
+            let resize = Arc::new(resize);
+            let (sync_client, sync_tty, sync_resize) =
+                (client.clone(), tty.try_clone()?, resize.clone());
+            sync_size = Some(Box::new(move || {
+                if let Some((rows, cols)) =
+                    console::window_size(&sync_tty).filter(|(r, c)| *r > 0 && *c > 0)
+                {
+                    if let Err(e) =
+                        sync_client.request(sync_resize(rows, cols), Duration::from_secs(5))
+                    {
+                        tracing::debug!("window size before start: {e}");
+                    }
+                }
+            }));
+            watch_size(client.clone(), tty, done.clone(), move |r, c| resize(r, c));
         }
     }
-    Ok(Relay { outputs, done })
+    Ok(Relay {
+        outputs,
+        done,
+        sync_size,
+    })
 }
 
 fn pump(client: AgentClient, stream: u32, source: File) {
