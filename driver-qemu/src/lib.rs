@@ -33,37 +33,13 @@ pub use vm::{LOG_PREFIX, QemuVm, last_qemu_line};
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `name` as found in `PATH`, if it is there.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+pub use runv_api::find_in_path;
 
 /// The qemu binary for a VM: `parameters["qemu"]` or `qemu-system-x86_64` from `PATH`.
 pub fn qemu_binary(parameter: Option<&str>) -> Result<PathBuf, String> {
-    match parameter.filter(|p| !p.is_empty()) {
-        Some(p) if p.contains('/') => {
-            if is_executable(Path::new(p)) {
-                Ok(PathBuf::from(p))
-            } else {
-                Err(format!(
-                    "the qemu binary {p} does not exist or is not executable"
-                ))
-            }
-        }
-        Some(name) => find_in_path(name).ok_or_else(|| format!("{name} not found in PATH")),
-        None => find_in_path(QEMU_BINARY).ok_or_else(|| {
-            format!("{QEMU_BINARY} not found in PATH (install the qemu-system-x86 package)")
-        }),
-    }
+    runv_api::find_program(parameter, None, QEMU_BINARY, "qemu", || {
+        format!("{QEMU_BINARY} not found in PATH (install the qemu-system-x86 package)")
+    })
 }
 
 /// Accelerators `qemu -accel help` lists (Debian ships TCG as a loadable module; without it,

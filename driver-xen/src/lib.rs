@@ -33,7 +33,7 @@ pub mod vm;
 
 use std::env;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, export_hypervisor};
@@ -50,41 +50,13 @@ const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// What this driver can do.
 pub const CAPABILITIES: Capabilities = Capabilities::SHARED_DIR_ROOTFS.union(Capabilities::PAUSE);
 
-/// `name` as found in `PATH`, if it is there.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+pub use runv_api::find_in_path;
 
 /// The xl binary: `parameter`, else `$RUNV_XL`, else `xl` from `PATH`.
 pub fn xl_binary(parameter: Option<&str>) -> Result<PathBuf, String> {
-    let from_env = env::var(XL_ENV).ok();
-    match parameter
-        .filter(|p| !p.is_empty())
-        .or(from_env.as_deref().filter(|p| !p.is_empty()))
-    {
-        Some(p) if p.contains('/') => {
-            if is_executable(Path::new(p)) {
-                Ok(PathBuf::from(p))
-            } else {
-                Err(format!(
-                    "the xl binary {p} does not exist or is not executable"
-                ))
-            }
-        }
-        Some(name) => find_in_path(name).ok_or_else(|| format!("{name} not found in PATH")),
-        None => find_in_path(XL_BINARY).ok_or_else(|| {
-            "xl not found (install xen-utils, e.g. xen-utils-4.17 on Debian 12)".into()
-        }),
-    }
+    runv_api::find_program(parameter, Some(XL_ENV), XL_BINARY, "xl", || {
+        "xl not found (install xen-utils, e.g. xen-utils-4.17 on Debian 12)".into()
+    })
 }
 
 /// Why this host is not a Xen dom0, from the contents of /proc/xen/capabilities.

@@ -42,7 +42,9 @@ pub use config::{
     BlockDevice, NetInterface, PreparedRootfs, RootfsSource, SharedDir, StorageRequest,
     VM_CONFIG_VERSION, VmConfig,
 };
-pub use host::{AgentChannel, cpuinfo_has_virt_flag, parse_smaps_rollup};
+pub use host::{
+    AgentChannel, cpuinfo_has_virt_flag, find_in_path, find_program, parse_smaps_rollup,
+};
 
 /// Re-exported so that plugins use exactly the `abi_stable` this crate was built with.
 pub use abi_stable;
