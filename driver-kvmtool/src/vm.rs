@@ -35,7 +35,7 @@ use nix::sys::socket::{
     AddressFamily, MsgFlags, Shutdown, SockFlag, SockType, send, shutdown, socketpair,
 };
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-use runv_api::vmm_process::{EarlyExit, KILL_GRACE, VmmProcess, VmmTool};
+use runv_api::vmm_process::{self, EarlyExit, KILL_GRACE, VmmProcess, VmmTool};
 use runv_api::{Vm, VmExit, VmStats};
 
 use crate::cmdline::{AGENT_TERM, VmPaths, assigned_pty, list_state};
@@ -107,48 +107,13 @@ fn open_tty(path: &Path) -> Result<File, String> {
 /// Runs a short lkvm command (`stop`, `pause`, `list`, ...) with the VM's `HOME`; its stdout on
 /// success, its last stderr line (or status) otherwise.
 fn run_control(lkvm: &Path, home: &Path, args: &[&str]) -> Result<String, String> {
-    let what = format!("lkvm {}", args.join(" "));
-    let mut child = Command::new(lkvm)
-        .args(args)
-        .env("HOME", home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {what}: {e}"))?;
-    let deadline = Instant::now() + CONTROL_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{what} did not finish in {CONTROL_TIMEOUT:?}"));
-            }
-            Err(e) => return Err(format!("waiting for {what}: {e}")),
-        }
-    };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
-    if status.success() {
-        Ok(out)
-    } else {
-        let why = err
-            .lines()
-            .chain(out.lines())
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{status}"));
-        Err(format!("{what} failed: {why}"))
-    }
+    let mut command = Command::new(lkvm);
+    command.args(args).env("HOME", home);
+    vmm_process::run_control(
+        command,
+        &format!("lkvm {}", args.join(" ")),
+        CONTROL_TIMEOUT,
+    )
 }
 
 /// What [`KvmtoolVm::start`] needs besides the arguments.

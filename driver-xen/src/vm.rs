@@ -13,7 +13,6 @@
 //!   the domain stays until `xl destroy runv-<id>`.
 
 use std::fs::{self, OpenOptions};
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -23,7 +22,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use runv_api::vmm_process::{EarlyExit, VmmProcess, VmmTool};
+use runv_api::vmm_process::{self, EarlyExit, VmmProcess, VmmTool};
 use runv_api::{Vm, VmExit, VmStats};
 
 use crate::domcfg::DomainPaths;
@@ -47,46 +46,9 @@ pub fn log_line(log_file: &Path, message: &str) {
 
 /// Runs a short xl command; its stdout on success, its last output line otherwise.
 pub fn run_xl(xl: &Path, args: &[&str]) -> Result<String, String> {
-    let what = format!("xl {}", args.join(" "));
-    let mut child = Command::new(xl)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {what}: {e}"))?;
-    let deadline = Instant::now() + CONTROL_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{what} did not finish in {CONTROL_TIMEOUT:?}"));
-            }
-            Err(e) => return Err(format!("waiting for {what}: {e}")),
-        }
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
-    if status.success() {
-        Ok(out)
-    } else {
-        let why = err
-            .lines()
-            .chain(out.lines())
-            .map(str::trim)
-            .rfind(|l| !l.is_empty())
-            .map(str::to_string)
-            .unwrap_or_else(|| status.to_string());
-        Err(format!("{what} failed: {why}"))
-    }
+    let mut command = Command::new(xl);
+    command.args(args);
+    vmm_process::run_control(command, &format!("xl {}", args.join(" ")), CONTROL_TIMEOUT)
 }
 
 /// What [`XenVm::start`] needs.

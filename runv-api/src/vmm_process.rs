@@ -408,6 +408,50 @@ fn reaper(
     shared.changed.notify_all();
 }
 
+/// Runs a short control command of the VMM's toolstack (`lkvm stop`, `xl pause`, ...) to its
+/// end or `timeout`: its stdout on success, else `"WHAT failed: "` and its last output line
+/// (or its status). `what` names the command in errors.
+pub fn run_control(mut command: Command, what: &str, timeout: Duration) -> Result<String, String> {
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {what}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} did not finish in {timeout:?}"));
+            }
+            Err(e) => return Err(format!("waiting for {what}: {e}")),
+        }
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    if status.success() {
+        Ok(out)
+    } else {
+        let why = err
+            .lines()
+            .chain(out.lines())
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| status.to_string());
+        Err(format!("{what} failed: {why}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +460,24 @@ mod tests {
         name: "vmm",
         log_prefix: "runv-test:",
     };
+
+    #[test]
+    fn control_commands_give_stdout_or_their_last_line() {
+        let mut ok = Command::new("sh");
+        ok.args(["-c", "echo out"]);
+        assert_eq!(
+            run_control(ok, "sh ok", Duration::from_secs(10)).unwrap(),
+            "out\n"
+        );
+        let mut bad = Command::new("sh");
+        bad.args(["-c", "echo first >&2; echo last >&2; exit 3"]);
+        let err = run_control(bad, "sh bad", Duration::from_secs(10)).unwrap_err();
+        assert_eq!(err, "sh bad failed: last");
+        let mut slow = Command::new("sleep");
+        slow.arg("5");
+        let err = run_control(slow, "sleep", Duration::from_millis(50)).unwrap_err();
+        assert!(err.contains("did not finish"), "{err}");
+    }
 
     #[test]
     fn exit_descriptions() {
