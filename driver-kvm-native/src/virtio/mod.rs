@@ -117,6 +117,19 @@ pub fn signal_used(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap, inter
     }
 }
 
+/// Reads `data.len()` bytes of a device's configuration space `config` from `offset`; bytes
+/// past its end read as 0.
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = start
+            .checked_add(i)
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// One virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
