@@ -10,6 +10,7 @@ PACKAGES=(
     docker.io containerd podman   # engine tests: runv as their runtime
     runc              # the no-VM reference in `cargo xtask bench`
     pkg-config
+    libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)
     dmsetup           # storage-devmapper (thin pool and snapshots)
 )
 

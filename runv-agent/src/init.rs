@@ -51,7 +51,9 @@ fn mount_basics() {
             "devtmpfs",
             "/dev",
             "devtmpfs",
-            MsFlags::MS_NOSUID,
+            // No nosuid, as the kernel mounts it: containers in a user namespace get bind
+            // mounts of these nodes and cannot clear a flag locked from here.
+            MsFlags::empty(),
             Some("mode=0755"),
         ),
         (
@@ -59,7 +61,7 @@ fn mount_basics() {
             "/dev/pts",
             "devpts",
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-            Some("ptmxmode=0666,mode=0620"),
+            Some("gid=5,mode=0620,ptmxmode=0666"),
         ),
         (
             "shm",
@@ -105,6 +107,9 @@ pub fn main() -> ! {
     modules.load_for_devices();
     if let Err(e) = crate::net::loopback_up() {
         crate::warn!("loopback: {e}");
+    }
+    if let Err(e) = crate::guest_cgroup::init() {
+        crate::warn!("container cgroups: {e}");
     }
     crate::debug!(
         "modules loaded after {:.0} ms",

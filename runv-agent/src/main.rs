@@ -3,11 +3,15 @@
 
 #[macro_use]
 mod log;
+mod guest_cgroup;
 mod helper;
 mod init;
 mod modules;
 mod net;
+mod process_setup;
 mod reaper;
+mod rootfs_setup;
+mod seccomp;
 mod server;
 mod spec;
 

@@ -25,7 +25,9 @@ use runv_proto::{
 
 use crate::modules::Modules;
 use crate::reaper::Reaper;
-use crate::spec::{HelperConfig, Mode, Process, Report, Spec};
+use crate::spec::{
+    CreateConfig, HelperConfig, Mode, Process, Report, Seccomp, Spec, namespaces_to_create,
+};
 
 const CONTAINERS: &str = "/run/runv/containers";
 const SHARES: &str = "/run/runv/shares";
@@ -42,6 +44,9 @@ pub struct Container {
     start: Option<(UnixStream, BufReader<UnixStream>)>,
     dir: PathBuf,
     execs: HashMap<String, Proc>,
+    /// Container-wide settings every exec'd process gets too.
+    seccomp: Option<Seccomp>,
+    cgroup: PathBuf,
 }
 
 pub struct Agent {
@@ -237,6 +242,7 @@ impl Agent {
         let root = dir.join("rootfs");
         std::fs::create_dir_all(&root)
             .map_err(|e| err(format!("mkdir {}: {e}", root.display())))?;
+        let mut security = None;
         let r = (|| {
             self.mount_rootfs(&rootfs, &root)?;
             let mut files = Vec::new();
@@ -248,7 +254,10 @@ impl Agent {
                     &hostname
                         .as_ref()
                         .or(spec.hostname.as_ref())
-                        .map(|h| format!("{h}\n")),
+                        .map(|h| format!("{h}\n"))
+                        // Only where the engine mounts one (its host file is not in the
+                        // VM); runc itself never writes /etc/hostname.
+                        .filter(|_| spec.mounts.iter().any(|m| m.destination == "/etc/hostname")),
                     "/etc/hostname",
                 ),
             ] {
@@ -260,19 +269,31 @@ impl Agent {
                 }
             }
             let linux = spec.linux.clone().unwrap_or_default();
+            let cgroup = crate::guest_cgroup::create(&id, linux.resources.as_ref()).map_err(err)?;
+            let create = CreateConfig {
+                rootfs: root.to_string_lossy().into_owned(),
+                readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
+                hostname: hostname.clone().or(spec.hostname.clone()),
+                domainname: spec.domainname.clone(),
+                mounts: spec.mounts.clone(),
+                masked_paths: linux.masked_paths.clone(),
+                readonly_paths: linux.readonly_paths.clone(),
+                files,
+                new_namespaces: namespaces_to_create(&linux),
+                uid_mappings: linux.uid_mappings.clone(),
+                gid_mappings: linux.gid_mappings.clone(),
+                devices: linux.devices.clone(),
+                sysctl: linux.sysctl.clone(),
+                rootfs_propagation: linux.rootfs_propagation.clone(),
+            };
             let cfg = HelperConfig {
-                mode: Mode::Create {
-                    rootfs: root.to_string_lossy().into_owned(),
-                    readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
-                    hostname: hostname.clone().or(spec.hostname.clone()),
-                    mounts: spec.mounts.clone(),
-                    masked_paths: linux.masked_paths,
-                    readonly_paths: linux.readonly_paths,
-                    files,
-                },
+                mode: Mode::Create(Box::new(create)),
                 process,
                 wait_start: true,
+                seccomp: linux.seccomp.clone(),
+                cgroup: Some(cgroup.to_string_lossy().into_owned()),
             };
+            security = Some((linux.seccomp, cgroup));
             self.spawn(cfg, stdio)
         })();
         let spawned = match r {
@@ -280,9 +301,13 @@ impl Agent {
             Err(e) => {
                 let _ = umount2(&root, MntFlags::MNT_DETACH);
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Some((_, cg)) = &security {
+                    crate::guest_cgroup::remove(cg);
+                }
                 return Err(e);
             }
         };
+        let (seccomp, cgroup) = security.expect("set when the helper started");
         let pid = spawned.proc_.pid;
         let exited = Arc::clone(&spawned.proc_.exited);
         let master = spawned.proc_.master.clone();
@@ -297,6 +322,8 @@ impl Agent {
                 start: Some((spawned.sock, spawned.reader)),
                 dir,
                 execs: HashMap::new(),
+                seccomp,
+                cgroup,
             },
         );
         self.watch_exit(id, None, spawned.exit, spawned.pumps);
@@ -414,10 +441,17 @@ impl Agent {
         }
         let process: Process =
             serde_json::from_value(process).map_err(|e| err(format!("bad OCI process: {e}")))?;
+        let (seccomp, cgroup) = {
+            let cs = lock(&self.containers);
+            let c = cs.get(cid).ok_or_else(|| no_container(cid))?;
+            (c.seccomp.clone(), c.cgroup.to_string_lossy().into_owned())
+        };
         let cfg = HelperConfig {
             mode: Mode::Exec { init_pid },
             process,
             wait_start: false,
+            seccomp,
+            cgroup: Some(cgroup),
         };
         let mut spawned = self.spawn(cfg, stdio)?;
         let pid = spawned.proc_.pid;
@@ -466,10 +500,15 @@ impl Agent {
     }
 
     fn remove(&self, id: &str) -> Result<ResponseBody, AgentError> {
-        let (pid, exited, dir) = {
+        let (pid, exited, dir, cgroup) = {
             let cs = lock(&self.containers);
             let c = cs.get(id).ok_or_else(|| no_container(id))?;
-            (c.init.pid, Arc::clone(&c.init.exited), c.dir.clone())
+            (
+                c.init.pid,
+                Arc::clone(&c.init.exited),
+                c.dir.clone(),
+                c.cgroup.clone(),
+            )
         };
         if !exited.load(Ordering::SeqCst) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -484,6 +523,7 @@ impl Agent {
         let root = dir.join("rootfs");
         let _ = umount2(&root, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&dir);
+        crate::guest_cgroup::remove(&cgroup);
         Ok(ResponseBody::Ok)
     }
 

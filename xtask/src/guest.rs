@@ -67,6 +67,10 @@ pub fn build_agent_static() -> Result<PathBuf> {
         Command::new(cargo)
             .current_dir(&root)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            // The agent compiles OCI seccomp profiles with libseccomp, linked in statically
+            // (Debian's libseccomp-dev ships the archive).
+            .env("LIBSECCOMP_LINK_TYPE", "static")
+            .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu")
             .args([
                 "build",
                 "--release",

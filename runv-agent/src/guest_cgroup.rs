@@ -1,0 +1,122 @@
+//! A cgroup v2 group per container inside the guest (`/sys/fs/cgroup/runv/<id>`), holding
+//! its processes with the spec's `linux.resources`: in a pod VM each container keeps its own
+//! limits, and a runaway container cannot exhaust what the agent needs (issue: fork bombs).
+
+use std::path::{Path, PathBuf};
+
+use crate::spec::Resources;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const PARENT: &str = "/sys/fs/cgroup/runv";
+
+/// A pids limit for containers whose spec sets none: enough for any ordinary workload, and
+/// a fork bomb stops there instead of at the guest's process table.
+pub const DEFAULT_PIDS_MAX: i64 = 4096;
+
+/// Mounts the hierarchy and delegates the controllers to `runv/` (at boot).
+pub fn init() -> Result<(), String> {
+    std::fs::create_dir_all(ROOT).map_err(|e| format!("mkdir {ROOT}: {e}"))?;
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(ROOT)))
+        .unwrap_or(false);
+    if !mounted {
+        nix::mount::mount(
+            Some("cgroup2"),
+            ROOT,
+            Some("cgroup2"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount cgroup2 on {ROOT}: {e}"))?;
+    }
+    std::fs::create_dir_all(PARENT).map_err(|e| format!("mkdir {PARENT}: {e}"))?;
+    let available =
+        std::fs::read_to_string(Path::new(ROOT).join("cgroup.controllers")).unwrap_or_default();
+    let enable: String = available
+        .split_whitespace()
+        .filter(|c| matches!(*c, "cpu" | "memory" | "pids" | "io" | "cpuset"))
+        .map(|c| format!("+{c} "))
+        .collect();
+    for dir in [ROOT, PARENT] {
+        let f = Path::new(dir).join("cgroup.subtree_control");
+        std::fs::write(&f, enable.trim()).map_err(|e| format!("write {}: {e}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes the container's group and writes its limits; returns its directory.
+pub fn create(id: &str, resources: Option<&Resources>) -> Result<PathBuf, String> {
+    let dir = Path::new(PARENT).join(id);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("mkdir {}: {e}", dir.display())),
+    }
+    let write = |file: &str, value: String| {
+        let p = dir.join(file);
+        std::fs::write(&p, &value).map_err(|e| format!("write {value} to {}: {e}", p.display()))
+    };
+    let r = resources.cloned().unwrap_or_default();
+    let pids = r.pids.as_ref().map_or(DEFAULT_PIDS_MAX, |p| p.limit);
+    write(
+        "pids.max",
+        if pids <= 0 {
+            "max".into()
+        } else {
+            pids.to_string()
+        },
+    )?;
+    if let Some(limit) = r.memory.as_ref().and_then(|m| m.limit).filter(|l| *l > 0) {
+        write("memory.max", limit.to_string())?;
+    }
+    if let Some(cpu) = &r.cpu {
+        if let Some(quota) = cpu.quota.filter(|q| *q > 0) {
+            write(
+                "cpu.max",
+                format!("{quota} {}", cpu.period.unwrap_or(100_000)),
+            )?;
+        }
+        if let Some(shares) = cpu.shares.filter(|s| *s > 0) {
+            write("cpu.weight", shares_to_weight(shares).to_string())?;
+        }
+    }
+    Ok(dir)
+}
+
+/// cgroup v1 shares (2..262144) to v2 weight (1..10000), the conversion runc and crun use.
+fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+/// Moves the calling process into `dir` (the helper, before it clones the container).
+pub fn enter(dir: &Path) -> Result<(), String> {
+    let p = dir.join("cgroup.procs");
+    std::fs::write(&p, "0").map_err(|e| format!("join cgroup {}: {e}", dir.display()))
+}
+
+/// Removes the group once its processes are gone (kills what is left first).
+pub fn remove(dir: &Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    crate::warn!("cgroup {} not removed", dir.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_convert_like_runc() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+    }
+}
