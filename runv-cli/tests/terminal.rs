@@ -77,7 +77,7 @@ fn tty_through_a_console_socket_follows_resizes() {
         &[
             "sh",
             "-c",
-            "echo tty:$(tty); stty size; read line; echo got:$line; stty size",
+            "echo tty:$(tty) group:$(stat -c %g $(tty)); stty size; read line; echo got:$line; stty size",
         ],
     );
     env.edit_spec(&bundle, |s| s["process"]["terminal"] = true.into());
@@ -125,6 +125,11 @@ fn tty_through_a_console_socket_follows_resizes() {
     assert!(
         seen.contains("tty:/dev/pts/"),
         "the container sees its terminal: {seen:?}"
+    );
+    // devpts mounted gid=5 (the spec's option, as runc mounts it): the tty's group is tty.
+    assert!(
+        seen.contains(" group:5"),
+        "the terminal belongs to group tty (5): {seen:?}"
     );
     wait_until(60, "the container to stop", || {
         env.state("t1")["status"] == "stopped"
