@@ -116,17 +116,34 @@ pub fn resolve_kernel(kernel: &Path) -> Result<(PathBuf, Option<String>), String
     }
 }
 
-/// The kernel parameters runv adds; lkvm itself prepends `noapic noacpi pci=conf1 reboot=k
-/// panic=1 ... earlyprintk=serial console=ttyS0` (the console on the first UART, which is
-/// lkvm's stdin/stdout).
+/// The guest kernel's whole command line; lkvm gets `--nodefaults` and passes it unchanged.
+///
+/// Without `--nodefaults`, lkvm prepends its own x86 defaults, which include
+/// `earlyprintk=serial`. The x86 kernel's early-console parser (`setup_early_printk`) steps past
+/// the end of that value and keeps scanning the rest of the command line, so the `ttyS1` in
+/// `runv.channel=/dev/ttyS1` made it move the boot console onto the agent's UART: kernel log
+/// lines arrived on the agent channel. Owning the whole command line is the robust fix: no
+/// lkvm default can add an early console (or anything else) behind our back, and no
+/// `earlyprintk` is given at all. A virtio console for the agent is no way out: kvmtool's
+/// virtio console and its ttyS0 share terminal 0, and with `--console virtio` kvmtool adds
+/// `console=hvc0`, putting the kernel log on it.
 pub fn kernel_cmdline(config: &VmConfig) -> String {
     let mut params = vec![
+        // lkvm's x86 defaults (kvmtool 3.18, `kvm__arch_set_cmdline`: no ACPI or IOAPIC,
+        // legacy PCI config access, a bare i8042 whose reset line ends the VM), without
+        // `earlyprintk=serial`.
+        "noapic noacpi pci=conf1 reboot=k i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 \
+         i8042.noaux=1"
+            .to_string(),
+        // The kernel console on the first UART only, which is lkvm's stdin/stdout (the
+        // console log). `--console serial` would add this without `--nodefaults`.
+        "console=ttyS0".to_string(),
         // The agent's channel: the second UART (raw mode, set by the agent).
         format!("runv.channel={AGENT_TTY}"),
-        // x86 kvmtool guests have no ACPI (lkvm passes noacpi), so power-off cannot end the
-        // VM; a reboot (reboot=k, through the i8042) ends lkvm.
+        // x86 kvmtool guests have no ACPI (noacpi), so power-off cannot end the VM; a reboot
+        // (reboot=k, through the i8042) ends lkvm.
         "runv.exit=reboot".to_string(),
-        // A guest panic ends the VM at once instead of after lkvm's panic=1 second.
+        // A guest panic ends the VM at once.
         "panic=-1".to_string(),
     ];
     let extra = config.kernel_params.trim();
@@ -179,6 +196,8 @@ pub fn build_args(
         push(&["-i", utf8(initrd)?]);
     }
     push(&[
+        // The whole kernel command line is ours (see [`kernel_cmdline`] for why).
+        "--nodefaults",
         "-p",
         &kernel_cmdline(config),
         // Terminal 0 (ttyS0, the kernel console) is lkvm's stdin/stdout, a pty the driver
@@ -284,10 +303,24 @@ mod tests {
         assert_eq!(values(&a, "-c"), ["2"]);
         assert_eq!(values(&a, "-k"), ["/k/vmlinuz"]);
         assert_eq!(values(&a, "-i"), ["/k/initrd.img"]);
-        assert_eq!(
-            values(&a, "-p"),
-            ["runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"]
+        let cmdline = values(&a, "-p")[0];
+        assert!(
+            cmdline.ends_with(" runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"),
+            "{cmdline}"
         );
+        // The whole command line is ours, and nothing but the agent's own parameter names
+        // the agent's UART (an early console would take it).
+        assert!(a.contains(&"--nodefaults".to_string()));
+        assert!(!cmdline.contains("earlyprintk"), "{cmdline}");
+        assert_eq!(cmdline.matches("ttyS1").count(), 1, "{cmdline}");
+        assert_eq!(
+            cmdline
+                .split_whitespace()
+                .filter(|p| p.starts_with("console="))
+                .collect::<Vec<_>>(),
+            ["console=ttyS0"]
+        );
+        assert!(cmdline.contains("reboot=k"), "{cmdline}");
         assert_eq!(values(&a, "--console"), ["serial"]);
         assert_eq!(values(&a, "--tty"), ["1"]);
         assert_eq!(values(&a, "-n"), ["mode=none"]);
@@ -305,10 +338,7 @@ mod tests {
         assert_eq!(values(&a, "-m"), ["256"]);
         assert_eq!(values(&a, "-c"), ["1"]);
         assert!(values(&a, "-i").is_empty());
-        assert_eq!(
-            values(&a, "-p"),
-            ["runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1"]
-        );
+        assert!(values(&a, "-p")[0].ends_with(" runv.exit=reboot panic=-1"));
         cfg.memory_mib = 32;
         assert_eq!(values(&args(&cfg), "-m"), ["64"]);
     }

@@ -218,9 +218,15 @@ fn fake_lifecycle_channel_pause_stop() {
     assert_eq!(value(run, "-k"), vmlinuz.to_str());
     assert_eq!(value(run, "--console"), Some("serial"));
     assert_eq!(value(run, "--tty"), Some("1"));
-    assert_eq!(
-        value(run, "-p"),
-        Some("runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet")
+    // The whole kernel command line is runv's (`--nodefaults`: no lkvm earlyprintk).
+    assert!(run.iter().any(|a| a == "--nodefaults"), "{run:?}");
+    let cmdline = value(run, "-p").unwrap_or_default();
+    assert!(
+        cmdline.starts_with("noapic ")
+            && cmdline.ends_with(
+                " console=ttyS0 runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"
+            ),
+        "{cmdline}"
     );
     assert!(
         scratch.read("kvmtool.log").contains("is an ELF vmlinux"),
