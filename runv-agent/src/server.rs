@@ -82,11 +82,10 @@ impl Agent {
 
     /// Reads frames until the host goes away.
     pub fn serve(self: &Arc<Self>, channel: File) -> Result<(), String> {
+        // The magic before the Hello lets the host skip anything else that was written to
+        // the channel before us (a boot console on a UART).
         self.mux
-            .send_message(&Message::Hello {
-                version: PROTOCOL_VERSION,
-                agent_version: format!("runv-agent {}", env!("CARGO_PKG_VERSION")),
-            })
+            .send_agent_hello(format!("runv-agent {}", env!("CARGO_PKG_VERSION")))
             .map_err(|e| format!("send hello: {e}"))?;
         let mut reader = FrameReader::new(channel);
         loop {
