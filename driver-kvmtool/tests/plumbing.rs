@@ -367,7 +367,7 @@ fn fake_missing_kvmtool_binary() {
 /// A real kvmtool boot of runv's guest, where kvmtool and a usable KVM exist.
 fn real_lkvm_boot() {
     if lkvm_binary(None).is_err() {
-        println!("skipped: lkvm not installed");
+        println!("skipped: no lkvm");
         return;
     }
     let kvm = fs::OpenOptions::new()
@@ -404,6 +404,8 @@ fn real_lkvm_boot() {
         Duration::from_secs(90),
     )
     .unwrap_or_else(|e| panic!("agent handshake: {e}\n{}", scratch.logs()));
+    // Only the agent wrote to its channel: no boot console output came before its hello.
+    assert_eq!(client.skipped_bytes(), 0, "{}", scratch.logs());
     let pong = client
         .request(runv_proto::Request::Ping, Duration::from_secs(30))
         .unwrap();
