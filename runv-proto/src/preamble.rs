@@ -41,26 +41,34 @@ impl Noise {
     /// Why the skipped bytes are not the protocol: a Hello frame with no magic before it is an
     /// agent of protocol version 1 (older than the magic); anything else is other output.
     pub fn error(&self) -> ProtoError {
-        let hello = match decode_frame(&self.head) {
-            Ok(Some((frame, _))) if frame.kind == FrameType::Control => frame.message().ok(),
-            _ => None,
-        };
-        if let Some(Message::Hello {
-            version,
-            agent_version,
-        }) = hello
-        {
-            return ProtoError::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-                peer_agent: agent_version,
-            };
+        if let Some(e) = bare_hello(&self.head) {
+            return e;
         }
         let sample = &self.head[..self.head.len().min(NOISE_SAMPLE)];
         ProtoError::ConsoleOutput {
             bytes: self.bytes,
             sample: String::from_utf8_lossy(sample).into_owned(),
         }
+    }
+}
+
+/// The version mismatch, if the stream starts with a whole Hello frame and no magic (an agent
+/// older than the magic, which then waits for our Hello and sends nothing more).
+fn bare_hello(start: &[u8]) -> Option<ProtoError> {
+    let (frame, _) = decode_frame(start).ok()??;
+    if frame.kind != FrameType::Control {
+        return None;
+    }
+    match frame.message().ok()? {
+        Message::Hello {
+            version,
+            agent_version,
+        } => Some(ProtoError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: version,
+            peer_agent: agent_version,
+        }),
+        _ => None,
     }
 }
 
@@ -95,6 +103,14 @@ pub fn read_to_magic<R: Read>(
         buf.drain(..buf.len() - keep);
         if skipped.bytes > limit {
             return Err(skipped.error());
+        }
+        // An old agent's bare Hello: say so now rather than after the handshake timeout.
+        if skipped.bytes < NOISE_HEAD {
+            let mut start = skipped.head;
+            start.extend_from_slice(&buf);
+            if let Some(e) = bare_hello(&start) {
+                return Err(e);
+            }
         }
         let n = match r.read(&mut chunk) {
             Ok(n) => n,
@@ -206,6 +222,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("console output") && e.contains("Booting"), "{e}");
+    }
+
+    #[test]
+    fn an_old_agent_is_named_without_waiting_for_the_end_of_the_stream() {
+        // The old agent sends its Hello and then waits: the reader must not need more bytes.
+        struct HelloThenBlock(Vec<u8>);
+        impl Read for HelloThenBlock {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                assert!(!self.0.is_empty(), "read past the old agent's hello");
+                let n = self.0.len().min(out.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0.drain(..n);
+                Ok(n)
+            }
+        }
+        let noise = Mutex::new(Noise::default());
+        let e = read_to_magic(&mut HelloThenBlock(hello(1)), MAX_NOISE, &noise).unwrap_err();
+        assert!(e.to_string().contains("speaks 1"), "{e}");
     }
 
     #[test]
