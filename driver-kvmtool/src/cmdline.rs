@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use runv_api::VmConfig;
@@ -116,19 +117,88 @@ pub fn resolve_kernel(kernel: &Path) -> Result<(PathBuf, Option<String>), String
     }
 }
 
-/// The kernel parameters runv adds; lkvm itself prepends `noapic noacpi pci=conf1 reboot=k
-/// panic=1 ... earlyprintk=serial console=ttyS0` (the console on the first UART, which is
-/// lkvm's stdin/stdout).
-pub fn kernel_cmdline(config: &VmConfig) -> String {
+/// virtio-blk's serial field, in bytes.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+/// The serial kvmtool gives a disk, which it cannot be told: `disk_image__get_serial` prints
+/// the host file's `st_dev`, `st_rdev` and `st_ino` in decimal, one after the other, and
+/// answers the guest's request for it only when that fits virtio-blk's 20 bytes.
+pub fn kvmtool_serial(dev: u64, rdev: u64, ino: u64) -> Option<String> {
+    let serial = format!("{dev}{rdev}{ino}");
+    (serial.len() <= VIRTIO_BLK_ID_BYTES).then_some(serial)
+}
+
+/// Each block device's id and the serial kvmtool will give it (from the host file, as
+/// kvmtool computes it). The guest learns the pairs from `runv.disk.<id>=<serial>` (see
+/// [`kernel_cmdline`]) and so finds a disk by id as it does on drivers that set serials.
+pub fn disk_serials(config: &VmConfig) -> Result<Vec<(String, String)>, String> {
+    config
+        .block_devices
+        .iter()
+        .map(|disk| {
+            if disk.id.is_empty()
+                || !disk
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+            {
+                return Err(format!(
+                    "disk {} has id {:?}; kvmtool's disks need ids of [A-Za-z0-9_-]",
+                    disk.host_path.display(),
+                    disk.id
+                ));
+            }
+            let meta = std::fs::metadata(&disk.host_path)
+                .map_err(|e| format!("disk {}: {e}", disk.host_path.display()))?;
+            let serial = kvmtool_serial(meta.dev(), meta.rdev(), meta.ino()).ok_or_else(|| {
+                format!(
+                    "kvmtool would give disk {} a serial longer than {VIRTIO_BLK_ID_BYTES} \
+                     bytes (device {}, rdev {}, inode {}), which the guest cannot read",
+                    disk.host_path.display(),
+                    meta.dev(),
+                    meta.rdev(),
+                    meta.ino()
+                )
+            })?;
+            Ok((disk.id.clone(), serial))
+        })
+        .collect()
+}
+
+/// The guest kernel's whole command line; lkvm gets `--nodefaults` and passes it unchanged.
+///
+/// Without `--nodefaults`, lkvm prepends its own x86 defaults, which include
+/// `earlyprintk=serial`. The x86 kernel's early-console parser (`setup_early_printk`) steps past
+/// the end of that value and keeps scanning the rest of the command line, so the `ttyS1` in
+/// `runv.channel=/dev/ttyS1` made it move the boot console onto the agent's UART: kernel log
+/// lines arrived on the agent channel. Owning the whole command line is the robust fix: no
+/// lkvm default can add an early console (or anything else) behind our back, and no
+/// `earlyprintk` is given at all. A virtio console for the agent is no way out: kvmtool's
+/// virtio console and its ttyS0 share terminal 0, and with `--console virtio` kvmtool adds
+/// `console=hvc0`, putting the kernel log on it.
+pub fn kernel_cmdline(config: &VmConfig, disk_serials: &[(String, String)]) -> String {
     let mut params = vec![
+        // lkvm's x86 defaults (kvmtool 3.18, `kvm__arch_set_cmdline`: no ACPI or IOAPIC,
+        // legacy PCI config access, a bare i8042 whose reset line ends the VM), without
+        // `earlyprintk=serial`.
+        "noapic noacpi pci=conf1 reboot=k i8042.direct=1 i8042.dumbkbd=1 i8042.nopnp=1 \
+         i8042.noaux=1"
+            .to_string(),
+        // The kernel console on the first UART only, which is lkvm's stdin/stdout (the
+        // console log). `--console serial` would add this without `--nodefaults`.
+        "console=ttyS0".to_string(),
         // The agent's channel: the second UART (raw mode, set by the agent).
         format!("runv.channel={AGENT_TTY}"),
-        // x86 kvmtool guests have no ACPI (lkvm passes noacpi), so power-off cannot end the
-        // VM; a reboot (reboot=k, through the i8042) ends lkvm.
+        // x86 kvmtool guests have no ACPI (noacpi), so power-off cannot end the VM; a reboot
+        // (reboot=k, through the i8042) ends lkvm.
         "runv.exit=reboot".to_string(),
-        // A guest panic ends the VM at once instead of after lkvm's panic=1 second.
+        // A guest panic ends the VM at once.
         "panic=-1".to_string(),
     ];
+    // kvmtool cannot set disk serials: the agent maps ids to the serials kvmtool gives.
+    for (id, serial) in disk_serials {
+        params.push(format!("runv.disk.{id}={serial}"));
+    }
     let extra = config.kernel_params.trim();
     if !extra.is_empty() {
         params.push(extra.to_string());
@@ -153,11 +223,12 @@ fn no_comma<'a>(what: &str, value: &'a str) -> Result<&'a str, String> {
 }
 
 /// The arguments for `lkvm` (without the program name), starting with `run`. `kernel` is the
-/// resolved bzImage (see [`resolve_kernel`]).
+/// resolved bzImage (see [`resolve_kernel`]), `disk_serials` from [`disk_serials`].
 pub fn build_args(
     config: &VmConfig,
     kernel: &Path,
     paths: &VmPaths,
+    disk_serials: &[(String, String)],
 ) -> Result<Vec<String>, String> {
     let mut args: Vec<String> = vec!["run".into()];
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
@@ -179,8 +250,10 @@ pub fn build_args(
         push(&["-i", utf8(initrd)?]);
     }
     push(&[
+        // The whole kernel command line is ours (see [`kernel_cmdline`] for why).
+        "--nodefaults",
         "-p",
-        &kernel_cmdline(config),
+        &kernel_cmdline(config, disk_serials),
         // Terminal 0 (ttyS0, the kernel console) is lkvm's stdin/stdout, a pty the driver
         // copies into the console log; terminal 1 (ttyS1, the agent) gets its own pty, which
         // lkvm names on stderr.
@@ -265,7 +338,7 @@ mod tests {
 
     fn args(config: &VmConfig) -> Vec<String> {
         let paths = VmPaths::new(config).unwrap();
-        build_args(config, &config.kernel, &paths).unwrap()
+        build_args(config, &config.kernel, &paths, &[]).unwrap()
     }
 
     fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -284,10 +357,24 @@ mod tests {
         assert_eq!(values(&a, "-c"), ["2"]);
         assert_eq!(values(&a, "-k"), ["/k/vmlinuz"]);
         assert_eq!(values(&a, "-i"), ["/k/initrd.img"]);
-        assert_eq!(
-            values(&a, "-p"),
-            ["runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"]
+        let cmdline = values(&a, "-p")[0];
+        assert!(
+            cmdline.ends_with(" runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"),
+            "{cmdline}"
         );
+        // The whole command line is ours, and nothing but the agent's own parameter names
+        // the agent's UART (an early console would take it).
+        assert!(a.contains(&"--nodefaults".to_string()));
+        assert!(!cmdline.contains("earlyprintk"), "{cmdline}");
+        assert_eq!(cmdline.matches("ttyS1").count(), 1, "{cmdline}");
+        assert_eq!(
+            cmdline
+                .split_whitespace()
+                .filter(|p| p.starts_with("console="))
+                .collect::<Vec<_>>(),
+            ["console=ttyS0"]
+        );
+        assert!(cmdline.contains("reboot=k"), "{cmdline}");
         assert_eq!(values(&a, "--console"), ["serial"]);
         assert_eq!(values(&a, "--tty"), ["1"]);
         assert_eq!(values(&a, "-n"), ["mode=none"]);
@@ -305,10 +392,7 @@ mod tests {
         assert_eq!(values(&a, "-m"), ["256"]);
         assert_eq!(values(&a, "-c"), ["1"]);
         assert!(values(&a, "-i").is_empty());
-        assert_eq!(
-            values(&a, "-p"),
-            ["runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1"]
-        );
+        assert!(values(&a, "-p")[0].ends_with(" runv.exit=reboot panic=-1"));
         cfg.memory_mib = 32;
         assert_eq!(values(&args(&cfg), "-m"), ["64"]);
     }
@@ -351,6 +435,39 @@ mod tests {
     }
 
     #[test]
+    fn disk_serials_as_kvmtool_makes_them() {
+        // /dev/mapper/x on devtmpfs (0:5), a dm device (254:3), inode 412.
+        assert_eq!(kvmtool_serial(5, 65027, 412).as_deref(), Some("565027412"));
+        assert_eq!(kvmtool_serial(u64::MAX, 0, 1), None);
+        let mut cfg = config();
+        let dir = std::env::temp_dir().join(format!("runv-kvmtool-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("rootfs.img");
+        std::fs::write(&image, b"").unwrap();
+        cfg.block_devices.push(BlockDevice {
+            id: "rootfs".into(),
+            host_path: image.clone(),
+            readonly: false,
+        });
+        let serials = disk_serials(&cfg).unwrap();
+        let meta = std::fs::metadata(&image).unwrap();
+        let want = format!("{}{}{}", meta.dev(), meta.rdev(), meta.ino());
+        assert_eq!(serials, [("rootfs".to_string(), want.clone())]);
+        let paths = VmPaths::new(&cfg).unwrap();
+        let a = build_args(&cfg, &cfg.kernel, &paths, &serials).unwrap();
+        assert!(
+            values(&a, "-p")[0].contains(&format!(" runv.disk.rootfs={want} ")),
+            "{a:?}"
+        );
+        cfg.block_devices[0].id = "a b".into();
+        assert!(disk_serials(&cfg).unwrap_err().contains("id"));
+        cfg.block_devices[0].id = "rootfs".into();
+        cfg.block_devices[0].host_path = dir.join("missing");
+        assert!(disk_serials(&cfg).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn commas_and_missing_fields_are_errors() {
         let mut cfg = config();
         cfg.shared_dirs.push(SharedDir {
@@ -359,14 +476,14 @@ mod tests {
             readonly: false,
         });
         let paths = VmPaths::new(&cfg).unwrap();
-        let err = build_args(&cfg, &cfg.kernel, &paths).unwrap_err();
+        let err = build_args(&cfg, &cfg.kernel, &paths, &[]).unwrap_err();
         assert!(err.contains("comma"), "{err}");
         cfg.shared_dirs[0].host_path = "/data".into();
         cfg.shared_dirs[0].tag.clear();
-        assert!(build_args(&cfg, &cfg.kernel, &paths).is_err());
+        assert!(build_args(&cfg, &cfg.kernel, &paths, &[]).is_err());
         let mut cfg = config();
         cfg.network_interfaces.push(NetInterface::default());
-        assert!(build_args(&cfg, &cfg.kernel, &paths).is_err());
+        assert!(build_args(&cfg, &cfg.kernel, &paths, &[]).is_err());
         let mut cfg = config();
         cfg.state_dir = PathBuf::new();
         assert!(VmPaths::new(&cfg).is_err());

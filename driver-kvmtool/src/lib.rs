@@ -18,8 +18,10 @@
 //! * Shared directories: `--9p PATH,TAG`. kvmtool has no read-only 9p export: a read-only
 //!   share is writable on the host side and only the guest's mount is read-only (the log says
 //!   so). Block devices: `-d PATH[,ro]`; kvmtool derives a disk's serial from the host file
-//!   (device and inode numbers) and cannot be given one, and the agent finds a block rootfs by
-//!   serial, so block rootfs is not offered. Taps: `-n mode=tap,tapif=NAME,guest_mac=MAC`.
+//!   (device, rdev and inode numbers) and cannot be given one, and the agent finds a disk by
+//!   serial, so the driver computes each serial as kvmtool does and passes
+//!   `runv.disk.<id>=<serial>` on the kernel command line, which the agent maps back (block
+//!   rootfs, e.g. device-mapper snapshots). Taps: `-n mode=tap,tapif=NAME,guest_mac=MAC`.
 //! * stop/pause/resume: `lkvm stop|pause|resume --name NAME`, with `HOME` set to the VM's state
 //!   dir (lkvm's control socket is `$HOME/.lkvm/NAME.sock`), pause and resume confirmed with
 //!   `lkvm list`.
@@ -35,7 +37,7 @@ use std::time::Duration;
 
 use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, export_hypervisor};
 
-pub use cmdline::{VmPaths, build_args, kernel_cmdline, resolve_kernel};
+pub use cmdline::{VmPaths, build_args, disk_serials, kernel_cmdline, resolve_kernel};
 pub use vm::{KvmtoolVm, LOG_PREFIX, StartSpec, escape_term_input};
 
 /// The kvmtool binary looked up in `PATH` by default.
@@ -45,7 +47,9 @@ pub const KVMTOOL_ENV: &str = "RUNV_KVMTOOL";
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What this driver can do.
-pub const CAPABILITIES: Capabilities = Capabilities::SHARED_DIR_ROOTFS.union(Capabilities::PAUSE);
+pub const CAPABILITIES: Capabilities = Capabilities::SHARED_DIR_ROOTFS
+    .union(Capabilities::BLOCK_ROOTFS)
+    .union(Capabilities::PAUSE);
 
 pub use runv_api::find_in_path;
 
@@ -125,7 +129,8 @@ impl KvmtoolDriver {
             return Err("the VM config has no console_log".into());
         }
         let (kernel, note) = resolve_kernel(&config.kernel)?;
-        let args = build_args(config, &kernel, &paths)?;
+        let serials = disk_serials(config)?;
+        let args = build_args(config, &kernel, &paths, &serials)?;
         let log = &paths.log_file;
         if let Some(note) = note {
             vm::log_line(log, &note);
@@ -141,14 +146,13 @@ impl KvmtoolDriver {
                 ),
             );
         }
-        for disk in &config.block_devices {
+        for (disk, (id, serial)) in config.block_devices.iter().zip(&serials) {
             vm::log_line(
                 log,
                 &format!(
-                    "note: kvmtool cannot set a disk serial: {} ({}) gets one derived from its \
-                     device and inode numbers",
+                    "note: kvmtool cannot set a disk serial: {} ({id}) gets {serial}, from its \
+                     device and inode numbers; the guest learns it from runv.disk.{id}",
                     disk.host_path.display(),
-                    disk.id
                 ),
             );
         }
@@ -246,7 +250,7 @@ mod tests {
         let caps = KvmtoolDriver.info().capabilities;
         assert!(caps.contains(Capabilities::SHARED_DIR_ROOTFS));
         assert!(caps.contains(Capabilities::PAUSE));
-        assert!(!caps.contains(Capabilities::BLOCK_ROOTFS));
+        assert!(caps.contains(Capabilities::BLOCK_ROOTFS));
         assert!(!caps.contains(Capabilities::SNAPSHOT));
     }
 

@@ -218,9 +218,15 @@ fn fake_lifecycle_channel_pause_stop() {
     assert_eq!(value(run, "-k"), vmlinuz.to_str());
     assert_eq!(value(run, "--console"), Some("serial"));
     assert_eq!(value(run, "--tty"), Some("1"));
-    assert_eq!(
-        value(run, "-p"),
-        Some("runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet")
+    // The whole kernel command line is runv's (`--nodefaults`: no lkvm earlyprintk).
+    assert!(run.iter().any(|a| a == "--nodefaults"), "{run:?}");
+    let cmdline = value(run, "-p").unwrap_or_default();
+    assert!(
+        cmdline.starts_with("noapic ")
+            && cmdline.ends_with(
+                " console=ttyS0 runv.channel=/dev/ttyS1 runv.exit=reboot panic=-1 quiet"
+            ),
+        "{cmdline}"
     );
     assert!(
         scratch.read("kvmtool.log").contains("is an ELF vmlinux"),
@@ -361,7 +367,7 @@ fn fake_missing_kvmtool_binary() {
 /// A real kvmtool boot of runv's guest, where kvmtool and a usable KVM exist.
 fn real_lkvm_boot() {
     if lkvm_binary(None).is_err() {
-        println!("skipped: lkvm not installed");
+        println!("skipped: no lkvm");
         return;
     }
     let kvm = fs::OpenOptions::new()
@@ -398,6 +404,8 @@ fn real_lkvm_boot() {
         Duration::from_secs(90),
     )
     .unwrap_or_else(|e| panic!("agent handshake: {e}\n{}", scratch.logs()));
+    // Only the agent wrote to its channel: no boot console output came before its hello.
+    assert_eq!(client.skipped_bytes(), 0, "{}", scratch.logs());
     let pong = client
         .request(runv_proto::Request::Ping, Duration::from_secs(30))
         .unwrap();

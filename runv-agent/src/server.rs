@@ -87,11 +87,10 @@ impl Agent {
 
     /// Reads frames until the host goes away.
     pub fn serve(self: &Arc<Self>, channel: File) -> Result<(), String> {
+        // The magic before the Hello lets the host skip anything else that was written to
+        // the channel before us (a boot console on a UART).
         self.mux
-            .send_message(&Message::Hello {
-                version: PROTOCOL_VERSION,
-                agent_version: format!("runv-agent {}", env!("CARGO_PKG_VERSION")),
-            })
+            .send_agent_hello(format!("runv-agent {}", env!("CARGO_PKG_VERSION")))
             .map_err(|e| format!("send hello: {e}"))?;
         let mut reader = FrameReader::new(channel);
         loop {
@@ -796,7 +795,18 @@ fn set_winsize(master: &File, rows: u16, cols: u16) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The serial a hypervisor that cannot set serials gave the disk the host calls `id`, from
+/// `runv.disk.<id>=<serial>` on the kernel command line (kvmtool).
+fn serial_alias(cmdline: &str, id: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|w| {
+        let (name, serial) = w.strip_prefix("runv.disk.")?.split_once('=')?;
+        (name == id && !serial.is_empty()).then(|| serial.to_string())
+    })
+}
+
 fn find_block(serial: &str) -> Result<PathBuf, AgentError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let alias = serial_alias(&cmdline, serial);
     for _ in 0..500 {
         if let Ok(dir) = std::fs::read_dir("/sys/block") {
             for d in dir.flatten() {
@@ -805,7 +815,7 @@ fn find_block(serial: &str) -> Result<PathBuf, AgentError> {
                     continue;
                 }
                 if std::fs::read_to_string(d.path().join("serial"))
-                    .is_ok_and(|s| s.trim() == serial)
+                    .is_ok_and(|s| s.trim() == serial || alias.as_deref() == Some(s.trim()))
                 {
                     let dev = PathBuf::from("/dev").join(&name);
                     if dev.exists() {
@@ -816,7 +826,12 @@ fn find_block(serial: &str) -> Result<PathBuf, AgentError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(err(format!("no virtio-blk disk with serial {serial:?}")))
+    match alias {
+        Some(alias) => Err(err(format!(
+            "no virtio-blk disk with serial {serial:?} or {alias:?}"
+        ))),
+        None => Err(err(format!("no virtio-blk disk with serial {serial:?}"))),
+    }
 }
 
 fn proc_pids() -> Vec<i32> {
@@ -886,4 +901,21 @@ fn ps(init: i32) -> std::io::Result<Vec<ProcessInfo>> {
             args,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serial_alias;
+
+    #[test]
+    fn serial_aliases_from_the_kernel_command_line() {
+        let cmdline = "console=ttyS0 runv.disk.rootfs=565027412 runv.disk.data= runv.exit=reboot";
+        assert_eq!(
+            serial_alias(cmdline, "rootfs").as_deref(),
+            Some("565027412")
+        );
+        assert_eq!(serial_alias(cmdline, "data"), None);
+        assert_eq!(serial_alias(cmdline, "root"), None);
+        assert_eq!(serial_alias("", "rootfs"), None);
+    }
 }

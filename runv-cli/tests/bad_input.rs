@@ -122,10 +122,56 @@ fn a_guest_that_never_answers_times_out() {
         120,
     );
     assert_one_line_error(status, &err, "did not answer within 1s");
+    // The console log it points to outlives the state dir (moved beside the state root).
+    let console = err
+        .split("guest console log: ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("points at the console log: {err}"));
     assert!(
-        err.contains("guest console log"),
-        "points at the console log: {err}"
+        console.starts_with(&format!("{}.failed/c/", env.root.display())),
+        "{console}"
+    );
+    assert!(
+        fs::read_to_string(console).is_ok_and(|c| !c.is_empty()),
+        "{console} is readable"
     );
     env.assert_clean();
     let _ = text(b"");
+}
+
+#[test]
+fn run_keep_keeps_the_state_of_a_failed_create() {
+    let env = Env::new("keep");
+    let bundle = env.bundle("b", &["true"]);
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .env("RUNV_AGENT_TIMEOUT", "1")
+            .args(["run", "--keep", "--bundle"])
+            .arg(&bundle)
+            .arg("k"),
+        120,
+    );
+    assert_one_line_error(status, &err, "did not answer within 1s");
+    let dir = env.root.join("k");
+    assert!(
+        err.contains(&format!("state kept in {}", dir.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("guest console log: {}/", dir.display())),
+        "{err}"
+    );
+    for log in ["console.log", "monitor.log"] {
+        assert!(dir.join(log).is_file(), "{log} kept: {err}");
+    }
+    let state = env.run(env.runv().args(["state", "k"]), 30);
+    assert!(
+        text(&state.stdout).contains("\"stopped\""),
+        "{}",
+        text(&state.stdout)
+    );
+    let delete = env.run(env.runv().args(["delete", "k"]), 30);
+    assert!(delete.status.success(), "{}", text(&delete.stderr));
+    env.assert_clean();
 }

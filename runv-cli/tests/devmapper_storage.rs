@@ -1,11 +1,12 @@
 //! `runv --storage devmapper run`: the container's rootfs is a thin snapshot handed to the VM
 //! as a virtio-blk disk. Needs device-mapper in the kernel: CI runs this binary inside the
 //! test host (`cargo xtask vmtest`); elsewhere it says it is skipped. Runs on the default
-//! driver (qemu, with KVM in the test host) and on kvm-native (which needs a usable KVM).
+//! driver (qemu, with KVM in the test host), on kvm-native (which needs a usable KVM), and on
+//! kvmtool where a real `lkvm` is installed (`skipped: no lkvm` otherwise).
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{Env, text};
 
@@ -15,7 +16,7 @@ fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
         println!("skipped: no /dev/mapper/control");
         return;
     }
-    thin_snapshot_run("dm", &[]);
+    thin_snapshot_run("dm", &[], None);
 }
 
 #[test]
@@ -29,10 +30,42 @@ fn kvm_native_runs_a_container_on_a_thin_snapshot() {
         println!("skipped: no usable KVM for the kvm-native driver (no vmx/svm or no /dev/kvm)");
         return;
     }
-    thin_snapshot_run("dmkn", &["--driver", "kvm-native"]);
+    thin_snapshot_run("dmkn", &["--driver", "kvm-native"], None);
 }
 
-fn thin_snapshot_run(id: &str, driver: &[&str]) {
+#[test]
+fn kvmtool_runs_a_container_on_a_thin_snapshot() {
+    let Some(lkvm) = lkvm() else {
+        println!(
+            "skipped: no lkvm (install kvmtool's lkvm as /usr/local/bin/lkvm, see the README)"
+        );
+        return;
+    };
+    if !Path::new("/dev/mapper/control").exists() {
+        println!("skipped: no /dev/mapper/control");
+        return;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !runv_api::cpuinfo_has_virt_flag(&cpuinfo) || !Path::new("/dev/kvm").exists() {
+        println!("skipped: no usable KVM for the kvmtool driver (no vmx/svm or no /dev/kvm)");
+        return;
+    }
+    thin_snapshot_run("dmkt", &["--driver", "kvmtool"], Some(&lkvm));
+}
+
+/// kvmtool's `lkvm`: `/usr/local/bin/lkvm` (where the README installs it), else from `PATH`.
+fn lkvm() -> Option<PathBuf> {
+    let local = Path::new("/usr/local/bin/lkvm");
+    if local.is_file() {
+        return Some(local.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("lkvm"))
+        .find(|p| p.is_file())
+}
+
+/// `lkvm`: the kvmtool binary, given to runv as `$RUNV_KVMTOOL`.
+fn thin_snapshot_run(id: &str, driver: &[&str], lkvm: Option<&Path>) {
     let env = Env::new(id);
     let bundle = env.bundle(
         "b",
@@ -42,9 +75,12 @@ fn thin_snapshot_run(id: &str, driver: &[&str]) {
             "grep ' / ' /proc/mounts; echo written > /tmp/f; cat /tmp/f",
         ],
     );
+    let mut runv = env.runv();
+    if let Some(lkvm) = lkvm {
+        runv.env("RUNV_KVMTOOL", lkvm);
+    }
     let out = env.run(
-        env.runv()
-            .args(driver)
+        runv.args(driver)
             .args(["--storage", "devmapper", "run", "--bundle"])
             .arg(&bundle)
             .arg(id),

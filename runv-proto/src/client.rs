@@ -11,16 +11,17 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Cursor, Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::preamble::{Noise, read_to_magic};
 use crate::{
-    AgentError, Event, FrameReader, Message, Mux, OutputHandle, PROTOCOL_VERSION, ProtoError,
-    Request, ResponseBody,
+    AgentError, Event, FrameReader, MAX_NOISE, Message, Mux, OutputHandle, PROTOCOL_VERSION,
+    ProtoError, Request, ResponseBody,
 };
 
 /// Errors of [`AgentClient`].
@@ -58,6 +59,7 @@ struct Inner {
     dead_cv: Condvar,
     next_id: AtomicU64,
     agent_version: String,
+    skipped_bytes: usize,
     shutdown_fd: OwnedFd,
 }
 
@@ -74,10 +76,14 @@ pub struct AgentClient {
 impl AgentClient {
     /// Takes over a connected byte stream to the agent (socket, pty, char device) and performs
     /// the version handshake: the agent speaks first (data sent to a virtio-serial port that
-    /// the guest has not opened yet is discarded), we check its version and answer.
+    /// the guest has not opened yet is discarded), we check its version and answer. Bytes
+    /// before the agent's magic are skipped, at most [`MAX_NOISE`] of them
+    /// ([`AgentClient::skipped_bytes`] says how many); see [`crate::preamble`].
     pub fn connect(stream: OwnedFd, handshake_timeout: Duration) -> Result<Self, Error> {
         let file = File::from(stream);
-        let reader_file = file.try_clone().map_err(ProtoError::from)?;
+        let mut reader_file = file.try_clone().map_err(ProtoError::from)?;
+        let noise = Arc::new(Mutex::new(Noise::default()));
+        let reader_noise = Arc::clone(&noise);
         let shutdown_fd = OwnedFd::from(file.try_clone().map_err(ProtoError::from)?);
         let (hello_tx, hello_rx) = mpsc::channel::<Result<(u32, String), ProtoError>>();
         let (inner_tx, inner_rx) = mpsc::channel::<Arc<Inner>>();
@@ -86,7 +92,22 @@ impl AgentClient {
         std::thread::Builder::new()
             .name("agent-reader".into())
             .spawn(move || {
-                let mut reader = FrameReader::new(reader_file);
+                let rest = match read_to_magic(&mut reader_file, MAX_NOISE, &reader_noise) {
+                    Ok(Some(rest)) => rest,
+                    Ok(None) => {
+                        let _ = hello_tx.send(Err(ProtoError::Unexpected {
+                            expected: "Hello from the agent",
+                            got: "end of stream".into(),
+                        }));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = hello_tx.send(Err(e));
+                        return;
+                    }
+                };
+                // The bytes read after the magic are the start of the first frame.
+                let mut reader = FrameReader::new(Cursor::new(rest).chain(reader_file));
                 let hello = match reader.read_frame() {
                     Ok(Some(f)) => match mux2.handle_frame(f) {
                         Ok(Some(Message::Hello {
@@ -119,9 +140,15 @@ impl AgentClient {
             Ok(r) => r?,
             Err(_) => {
                 mux.close();
+                // Output on the channel but no magic: say what came instead of only "no answer".
+                let noise = lock(&noise).clone();
+                if noise.bytes > 0 {
+                    return Err(noise.error().into());
+                }
                 return Err(Error::HandshakeTimeout(handshake_timeout.as_secs().max(1)));
             }
         };
+        let skipped_bytes = lock(&noise).bytes;
         mux.send_message(&Message::Hello {
             version: PROTOCOL_VERSION,
             agent_version: format!("runv-host {}", env!("CARGO_PKG_VERSION")),
@@ -146,6 +173,7 @@ impl AgentClient {
             dead_cv: Condvar::new(),
             next_id: AtomicU64::new(1),
             agent_version,
+            skipped_bytes,
             shutdown_fd,
         });
         let _ = inner_tx.send(Arc::clone(&inner));
@@ -155,6 +183,12 @@ impl AgentClient {
     /// The version string the agent sent in its Hello.
     pub fn agent_version(&self) -> &str {
         &self.inner.agent_version
+    }
+
+    /// How many bytes of other output came on the channel before the agent's magic (0 on a
+    /// channel that only the agent writes to).
+    pub fn skipped_bytes(&self) -> usize {
+        self.inner.skipped_bytes
     }
 
     /// Sends a request and waits for its answer. Safe to call from several threads at once.
@@ -265,7 +299,7 @@ fn request_name(r: &Request) -> String {
         .to_string()
 }
 
-fn reader_loop(inner: &Arc<Inner>, mut reader: FrameReader<File>) {
+fn reader_loop(inner: &Arc<Inner>, mut reader: FrameReader<impl Read>) {
     let why = loop {
         let frame = match reader.read_frame() {
             Ok(Some(f)) => f,

@@ -232,7 +232,13 @@ impl<W: Write> FrameWriter<W> {
     }
 
     pub fn write_frame(&mut self, frame: &Frame) -> Result<()> {
+        self.write_frame_after(&[], frame)
+    }
+
+    /// Writes `prefix` and then `frame` in one write (the agent's magic and its Hello).
+    pub fn write_frame_after(&mut self, prefix: &[u8], frame: &Frame) -> Result<()> {
         self.buf.clear();
+        self.buf.extend_from_slice(prefix);
         frame.encode_into(&mut self.buf)?;
         self.inner.write_all(&self.buf)?;
         self.inner.flush()?;

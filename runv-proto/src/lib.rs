@@ -39,8 +39,12 @@
 //!
 //! # Versioning
 //!
-//! Both sides send [`Message::Hello`] first. A peer whose [`PROTOCOL_VERSION`] differs is
-//! refused with a clear error ([`ProtoError::VersionMismatch`]).
+//! Both sides send [`Message::Hello`] first; the agent writes [`AGENT_MAGIC`] right before its
+//! Hello, and the host skips anything before that magic (bounded, see [`preamble`]), so a
+//! channel that carried other output first (a guest UART taken by a boot console) is still
+//! usable, or fails saying so. Version 2 added the magic; an agent of version 1 is recognised
+//! by its bare Hello and refused as a version mismatch. A peer whose [`PROTOCOL_VERSION`]
+//! differs is refused with a clear error ([`ProtoError::VersionMismatch`]).
 //!
 //! # Trust
 //!
@@ -52,14 +56,16 @@ pub mod client;
 pub mod frame;
 pub mod message;
 pub mod mux;
+pub mod preamble;
 
 pub use capabilities::LINUX_CAPABILITIES;
 pub use frame::{Frame, FrameReader, FrameType, FrameWriter, decode_frame};
 pub use message::*;
 pub use mux::{Mux, OutputHandle};
+pub use preamble::{AGENT_MAGIC, MAX_NOISE};
 
 /// Version of the wire protocol; bumped on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest allowed value of the length field (type + id + payload).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the frame header that the length field covers (type + id).
@@ -92,6 +98,12 @@ pub enum ProtoError {
         theirs: u32,
         peer_agent: String,
     },
+    /// Bytes that are not the protocol came where the agent's magic and Hello should be.
+    #[error(
+        "the agent channel carried console output: {bytes} bytes that are not the agent's \
+         hello, starting {sample:?}"
+    )]
+    ConsoleOutput { bytes: usize, sample: String },
     #[error("expected {expected}, got {got}")]
     Unexpected { expected: &'static str, got: String },
     #[error("i/o error: {0}")]

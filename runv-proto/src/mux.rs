@@ -131,6 +131,22 @@ impl Mux {
         self.write_frame(&Frame::control(msg)?)
     }
 
+    /// The agent's first words: [`crate::AGENT_MAGIC`], then its Hello (see [`crate::preamble`]).
+    pub fn send_agent_hello(&self, agent_version: String) -> Result<()> {
+        if self.is_closed() {
+            return Err(Self::closed_err());
+        }
+        let hello = Frame::control(&Message::Hello {
+            version: crate::PROTOCOL_VERSION,
+            agent_version,
+        })?;
+        let r = lock(&self.writer).write_frame_after(crate::AGENT_MAGIC, &hello);
+        if r.is_err() {
+            self.close();
+        }
+        r
+    }
+
     /// Marks the connection dead: wakes every sender waiting for credit and ends every sink.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);

@@ -121,13 +121,28 @@ fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
 
 /// A minimal fake agent speaking the protocol on the other end of a socketpair.
 fn fake_agent(s: UnixStream, version: u32) -> std::thread::JoinHandle<()> {
+    fake_agent_after(s, version, b"")
+}
+
+/// The same, after `noise` (console output on the channel before the agent started).
+fn fake_agent_after(
+    mut s: UnixStream,
+    version: u32,
+    noise: &'static [u8],
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        s.write_all(noise).unwrap();
         let mux = Mux::new(Box::new(s.try_clone().unwrap()));
-        mux.send_message(&Message::Hello {
-            version,
-            agent_version: "fake".into(),
-        })
-        .unwrap();
+        if version == PROTOCOL_VERSION {
+            mux.send_agent_hello("fake".into()).unwrap();
+        } else {
+            s.write_all(AGENT_MAGIC).unwrap();
+            mux.send_message(&Message::Hello {
+                version,
+                agent_version: "fake".into(),
+            })
+            .unwrap();
+        }
         let mut r = FrameReader::new(s);
         while let Ok(Some(f)) = r.read_frame() {
             let Some(msg) = mux.handle_frame(f).unwrap() else {
@@ -248,11 +263,7 @@ fn peer_closing_is_reported_as_disconnect() {
     let (a, b) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let mux = Mux::new(Box::new(b.try_clone().unwrap()));
-        mux.send_message(&Message::Hello {
-            version: PROTOCOL_VERSION,
-            agent_version: "x".into(),
-        })
-        .unwrap();
+        mux.send_agent_hello("x".into()).unwrap();
         let mut r = FrameReader::new(b);
         r.read_frame().unwrap(); // the host's hello
         // Drop the socket: the VM "died".
@@ -282,6 +293,56 @@ fn handshake_timeout_and_version_mismatch() {
         .unwrap()
         .to_string();
     assert!(e.contains("version mismatch"), "{e}");
+}
+
+#[test]
+fn console_output_before_the_agent_is_skipped_or_named() {
+    // Kernel log lines on the channel before the agent's magic: skipped, counted, and the
+    // connection works.
+    const BOOT_LOG: &[u8] = b"[    0.000000] Linux version 6.1.0-28-amd64\r\n\
+        [    0.000000] Command line: console=ttyS0 runv.channel=/dev/ttyS1\r\n";
+    let (a, b) = UnixStream::pair().unwrap();
+    let _agent = fake_agent_after(b, PROTOCOL_VERSION, BOOT_LOG);
+    let c = AgentClient::connect(a.into(), Duration::from_secs(5)).unwrap();
+    assert_eq!(c.skipped_bytes(), BOOT_LOG.len());
+    assert!(matches!(
+        c.request(Request::Ping, Duration::from_secs(5)).unwrap(),
+        ResponseBody::Pong { .. }
+    ));
+
+    // Only console output, and no agent: the error says so (not a frame length).
+    let (a, mut b) = UnixStream::pair().unwrap();
+    b.write_all(BOOT_LOG).unwrap();
+    let e = AgentClient::connect(a.into(), Duration::from_millis(300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.starts_with("the agent channel carried console output: "),
+        "{e}"
+    );
+    assert!(e.contains("Linux version"), "{e}");
+
+    // An agent of protocol 1 (no magic, a bare Hello) is a version mismatch.
+    let (a, b) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mux = Mux::new(Box::new(b.try_clone().unwrap()));
+        mux.send_message(&Message::Hello {
+            version: 1,
+            agent_version: "old".into(),
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        drop(b);
+    });
+    let e = AgentClient::connect(a.into(), Duration::from_secs(5))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("version mismatch") && e.contains("speaks 1"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -6,11 +6,17 @@
 //! kvm-native also boots the bzImage (the 64-bit boot protocol; the vmlinux goes through PVH).
 //! `runv drivers` lists kvm-native as available there.
 //!
+//! `--driver kvmtool` goes through the same steps with a real `lkvm` where one is installed on
+//! this machine (`/usr/local/bin/lkvm` or `lkvm` in `PATH`: the test host sees this machine's
+//! `/`); without one that test prints `skipped: no lkvm` (and `scripts/test.sh` says so in its
+//! summary). kvmtool is not packaged by Debian: see the README for building it.
+//!
 //! Needs `cargo build --workspace` and `cargo xtask guest` first (scripts/test.sh does both).
 
 mod common;
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use common::{
     TempDir, assert_built, make_bundle, qemu_with_tcg, run_in_test_host, target_dir, value,
@@ -21,7 +27,9 @@ set -u
 B="$1"        # prints CONTAINER-KERNEL, exits 42
 SLEEPER="$2"  # sleeps
 PINGER="$3"   # in netns n1: pings 10.9.0.1
-VMLINUZ="$4"  # the guest kernel as a bzImage
+VMLINUZ="$4"  # the guest kernel as a bzImage for kvm-native, or - to skip that step
+DRIVERS="$5"  # NAME:FLAGS;NAME:FLAGS... (FLAGS split at spaces)
+if [ "$6" != - ]; then export RUNV_KVMTOOL="$6"; fi  # the lkvm binary, or -
 step() { echo "== $*"; }
 R=/tmp/r
 
@@ -37,8 +45,12 @@ ip -n n1 link set v1 up
 step "runv drivers"
 runv drivers
 runv drivers --format json | tr -d ' \n' | grep -o '{[^{}]*"name":"kvm-native"[^{}]*}' | sed 's/^/KN-DRIVER=/'
+runv drivers --format json | tr -d ' \n' | grep -o '{[^{}]*"name":"kvmtool"[^{}]*}' | sed 's/^/KT-DRIVER=/'
 
-for spec in "kvm-native:--driver kvm-native" "qemu-kvm:--driver qemu --accel kvm"; do
+old_ifs=$IFS
+IFS=';'
+for spec in $DRIVERS; do
+    IFS=$old_ifs
     name=${spec%%:*}
     flags=${spec#*:}
     step "$name: run"
@@ -79,22 +91,29 @@ for spec in "kvm-native:--driver kvm-native" "qemu-kvm:--driver qemu --accel kvm
     echo "$name-DELETE-RC=$?"
     if [ -e $R/$id ] || [ -e $R/run-$name ]; then echo "$name-LEFTOVER=state"; fi
     if pgrep -f "runv __monitor" >/dev/null; then echo "$name-LEFTOVER=monitor"; fi
+    if pgrep -x lkvm >/dev/null; then echo "$name-LEFTOVER=lkvm"; fi
     if pgrep qemu-system >/dev/null; then
         ps -eo pid,ppid,stat,etimes,args | grep '[q]emu-system' | cut -c1-200
         sleep 3
-        if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
+        if pgrep -x lkvm >/dev/null; then echo "$name-LEFTOVER=lkvm"; fi
+    if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
     fi
 done
 
-step "kvm-native: the bzImage, through the 64-bit boot protocol"
-timeout 200 runv --driver kvm-native --kernel "$VMLINUZ" --root $R run --bundle "$B" bz </dev/null
-echo "BZIMAGE-RUN-RC=$?"
+IFS=$old_ifs
+
+if [ "$VMLINUZ" != - ]; then
+    step "kvm-native: the bzImage, through the 64-bit boot protocol"
+    timeout 200 runv --driver kvm-native --kernel "$VMLINUZ" --root $R run --bundle "$B" bz </dev/null
+    echo "BZIMAGE-RUN-RC=$?"
+fi
 echo "SCRIPT-DONE=yes"
 "#;
 
 #[test]
 fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
-    if qemu_with_tcg("kvm_native_and_qemu_kvm_run_containers_inside_the_test_host").is_none() {
+    let name = "kvm_native_and_qemu_kvm_run_containers_inside_the_test_host";
+    if qemu_with_tcg(name).is_none() {
         return;
     }
     assert_built(&[
@@ -105,12 +124,95 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
         "guest/vmlinuz",
         "guest/initrd.img",
     ]);
+    let (stdout, all, release) = drive(
+        "drivers",
+        &[
+            ("kvm-native", "--driver kvm-native"),
+            ("qemu-kvm", "--driver qemu --accel kvm"),
+        ],
+        None,
+        true,
+        400,
+    );
+
+    let kn = value(&stdout, "KN-DRIVER").unwrap_or_default();
+    assert!(
+        kn.contains("\"available\":true"),
+        "kvm-native in runv drivers: {kn:?}\n{all}"
+    );
+    // Each driver printed the guest's kernel (one container per driver, then kvm-native booting
+    // the bzImage), and the bzImage run's status came back too.
+    assert_eq!(kernels(&stdout), [release.as_str(); 3], "{all}");
+    assert_eq!(value(&stdout, "BZIMAGE-RUN-RC"), Some("42"), "{all}");
+    for name in ["kvm-native", "qemu-kvm"] {
+        check_driver(&stdout, name, &all);
+    }
+}
+
+/// The same steps on a real kvmtool (`lkvm`), where one is installed.
+#[test]
+fn kvmtool_runs_containers_inside_the_test_host() {
+    let name = "kvmtool_runs_containers_inside_the_test_host";
+    let Some(lkvm) = lkvm() else {
+        println!(
+            "skipped: no lkvm (install kvmtool's lkvm as /usr/local/bin/lkvm, see the README)"
+        );
+        return;
+    };
+    if qemu_with_tcg(name).is_none() {
+        return;
+    }
+    assert_built(&[
+        "debug/runv",
+        "debug/librunv_driver_kvmtool.so",
+        "guest/vmlinux",
+        "guest/vmlinuz",
+        "guest/initrd.img",
+    ]);
+    println!("lkvm: {}", lkvm.display());
+    let (stdout, all, release) = drive(
+        "kvmtool",
+        &[("kvmtool", "--driver kvmtool")],
+        Some(&lkvm),
+        false,
+        400,
+    );
+    let driver = value(&stdout, "KT-DRIVER").unwrap_or_default();
+    assert!(
+        driver.contains("\"available\":true"),
+        "kvmtool in runv drivers: {driver:?}\n{all}"
+    );
+    assert_eq!(kernels(&stdout), [release.as_str()], "{all}");
+    check_driver(&stdout, "kvmtool", &all);
+}
+
+/// kvmtool's `lkvm`: `/usr/local/bin/lkvm` (where the README installs it), else from `PATH`.
+fn lkvm() -> Option<PathBuf> {
+    let local = Path::new("/usr/local/bin/lkvm");
+    if local.is_file() {
+        return Some(local.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("lkvm"))
+        .find(|p| p.is_file())
+}
+
+/// Runs SCRIPT in a test host for `drivers` (name, runv flags), with `lkvm` as
+/// `$RUNV_KVMTOOL`, and with the kvm-native bzImage step when `bzimage`; returns its stdout,
+/// stdout and stderr for messages, and the guest kernel release.
+fn drive(
+    tag: &str,
+    drivers: &[(&str, &str)],
+    lkvm: Option<&Path>,
+    bzimage: bool,
+    timeout_s: u32,
+) -> (String, String, String) {
     let target = target_dir();
     let runv = target.join("debug/runv");
     let release = fs::read_to_string(target.join("guest/kernel.release")).unwrap();
 
     // Under target/ (the test host sees the host's / but has its own fresh /tmp).
-    let dir = TempDir(target.join(format!("vmtest-drivers-{}", std::process::id())));
+    let dir = TempDir(target.join(format!("vmtest-{tag}-{}", std::process::id())));
     let _ = fs::remove_dir_all(&dir.0);
     let bundle = dir.0.join("bundle");
     make_bundle(
@@ -145,9 +247,26 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     let script = dir.0.join("drivers.sh");
     fs::write(&script, SCRIPT).unwrap();
 
-    let vmlinuz = target.join("guest/vmlinuz");
-    let out = run_in_test_host(&script, &[&bundle, &sleeper, &pinger, &vmlinuz], 400);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let vmlinuz = if bzimage {
+        target.join("guest/vmlinuz")
+    } else {
+        PathBuf::from("-")
+    };
+    let specs: Vec<String> = drivers.iter().map(|(n, f)| format!("{n}:{f}")).collect();
+    let specs = PathBuf::from(specs.join(";"));
+    let out = run_in_test_host(
+        &script,
+        &[
+            &bundle,
+            &sleeper,
+            &pinger,
+            &vmlinuz,
+            &specs,
+            lkvm.unwrap_or(Path::new("-")),
+        ],
+        timeout_s,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
     println!("{all}");
@@ -157,57 +276,52 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
         out.status
     );
     assert_eq!(value(&stdout, "SCRIPT-DONE"), Some("yes"), "{all}");
+    (stdout, all, release.trim().to_string())
+}
 
-    let kn = value(&stdout, "KN-DRIVER").unwrap_or_default();
-    assert!(
-        kn.contains("\"available\":true"),
-        "kvm-native in runv drivers: {kn:?}\n{all}"
-    );
-
-    // Each driver printed the guest's kernel (one container per driver, then kvm-native booting
-    // the bzImage), and the bzImage run's status came back too.
-    let kernels: Vec<&str> = stdout
+fn kernels(stdout: &str) -> Vec<&str> {
+    stdout
         .lines()
         .filter_map(|l| l.strip_prefix("CONTAINER-KERNEL="))
-        .collect();
-    assert_eq!(kernels, [release.trim(); 3], "{all}");
-    assert_eq!(value(&stdout, "BZIMAGE-RUN-RC"), Some("42"), "{all}");
-    for name in ["kvm-native", "qemu-kvm"] {
-        let key = |k: &str| format!("{name}-{k}");
-        let expect = |k: &str, v: &str| {
-            assert_eq!(value(&stdout, &key(k)), Some(v), "{}\n{all}", key(k));
-        };
-        expect("RUN-RC", "42");
-        // The container reached the test host through its veth, via the driver's NIC.
-        expect("NET-RC", "0");
-        expect("PING", "ok");
-        for step in [
-            "CREATE-RC",
-            "START-RC",
-            "PAUSE-RC",
-            "RESUME-RC",
-            "KILL-RC",
-            "DELETE-RC",
-        ] {
-            expect(step, "0");
-        }
-        // exec ran in the container (whose pid 1 is the sleeper) and its status came back.
-        expect("EXEC-OUT", "sleep");
-        expect("EXEC-RC", "5");
-        expect("EXEC-AFTER-RESUME-RC", "0");
-        assert!(
-            stdout.contains(&format!("{name}-PAUSED-\"status\":\"paused\"")),
-            "{name} paused state\n{all}"
-        );
-        assert!(
-            stdout.contains(&format!("{name}-KILLED-\"status\":\"stopped\"")),
-            "{name} stopped after kill\n{all}"
-        );
-        assert_eq!(
-            value(&stdout, &key("LEFTOVER")),
-            None,
-            "{}\n{all}",
-            key("LEFTOVER")
-        );
+        .collect()
+}
+
+/// One driver's run, networking and lifecycle results, and that it left nothing behind.
+fn check_driver(stdout: &str, name: &str, all: &str) {
+    let key = |k: &str| format!("{name}-{k}");
+    let expect = |k: &str, v: &str| {
+        assert_eq!(value(stdout, &key(k)), Some(v), "{}\n{all}", key(k));
+    };
+    expect("RUN-RC", "42");
+    // The container reached the test host through its veth, via the driver's NIC.
+    expect("NET-RC", "0");
+    expect("PING", "ok");
+    for step in [
+        "CREATE-RC",
+        "START-RC",
+        "PAUSE-RC",
+        "RESUME-RC",
+        "KILL-RC",
+        "DELETE-RC",
+    ] {
+        expect(step, "0");
     }
+    // exec ran in the container (whose pid 1 is the sleeper) and its status came back.
+    expect("EXEC-OUT", "sleep");
+    expect("EXEC-RC", "5");
+    expect("EXEC-AFTER-RESUME-RC", "0");
+    assert!(
+        stdout.contains(&format!("{name}-PAUSED-\"status\":\"paused\"")),
+        "{name} paused state\n{all}"
+    );
+    assert!(
+        stdout.contains(&format!("{name}-KILLED-\"status\":\"stopped\"")),
+        "{name} stopped after kill\n{all}"
+    );
+    assert_eq!(
+        value(stdout, &key("LEFTOVER")),
+        None,
+        "{}\n{all}",
+        key("LEFTOVER")
+    );
 }

@@ -38,6 +38,12 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<()> {
 
 /// Creates the container and returns its monitor process.
 pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
+    create_keep(ctx, args, false)
+}
+
+/// [`create`]; with `keep` (`run --keep`) a failed create leaves its state dir, marked
+/// stopped, for `runv delete`; without, its logs are moved out (see [`keep_failure_logs`]).
+pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<Child> {
     container_id::validate(args.id)?;
     let bundle = Bundle::load(args.bundle)?;
     if bundle.terminal && args.console_socket.is_none() {
@@ -131,10 +137,85 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
         }
         Ok(child)
     })();
-    if result.is_err() {
-        let _ = ctx.store.remove(args.id);
+    match result {
+        Ok(child) => Ok(child),
+        Err(e) if keep => {
+            let _ = ctx.store.update(args.id, |s| s.status = Status::Stopped);
+            Err(anyhow::anyhow!(
+                "{e:#} (state kept in {}: runv delete {} removes it)",
+                dir.display(),
+                args.id
+            ))
+        }
+        Err(e) => {
+            // The error names logs in the state dir (the guest console log, monitor.log), which
+            // goes away now: move them out and name them where they are.
+            let message = format!("{e:#}");
+            let kept = keep_failure_logs(&dir, &failed_logs_dir(ctx.store.root(), args.id));
+            let _ = ctx.store.remove(args.id);
+            match kept {
+                Some(to) => Err(anyhow::anyhow!(
+                    "{}",
+                    message.replace(
+                        &format!("{}/", dir.display()),
+                        &format!("{}/", to.display())
+                    )
+                )),
+                None => Err(e),
+            }
+        }
     }
-    result
+}
+
+/// Where the logs of a failed create of `id` go: `<root>.failed/<id>`, beside the state root
+/// rather than in it (everything in the root is a container), replaced by the next failure of
+/// the same id.
+fn failed_logs_dir(root: &Path, id: &str) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(".failed");
+    root.with_file_name(name).join(id)
+}
+
+/// Moves every `*.log` file under `dir` (the console log, monitor.log, the driver's log in
+/// `vm/`) to the same place under `to`; returns `to` if anything was moved.
+fn keep_failure_logs(dir: &Path, to: &Path) -> Option<PathBuf> {
+    fn logs(dir: &Path, depth: u32, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() && depth > 0 => logs(&path, depth - 1, found),
+                Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "log") => {
+                    found.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut found = Vec::new();
+    logs(dir, 2, &mut found);
+    if found.is_empty() {
+        return None;
+    }
+    let _ = fs::remove_dir_all(to);
+    let mut moved = false;
+    for path in found {
+        let Ok(relative) = path.strip_prefix(dir) else {
+            continue;
+        };
+        let dest = to.join(relative);
+        if let Some(parent) = dest.parent() {
+            if fs::create_dir_all(parent).is_err() {
+                continue;
+            }
+        }
+        if fs::rename(&path, &dest).is_ok() || fs::copy(&path, &dest).is_ok() {
+            moved = true;
+        }
+    }
+    moved.then(|| to.to_path_buf())
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

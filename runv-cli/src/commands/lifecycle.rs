@@ -55,7 +55,7 @@ pub fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<ExitCode> {
         create_args.console_socket = Some(&console_path);
         receiver = Some(r);
     }
-    let mut child = create::create(ctx, &create_args)?;
+    let mut child = create::create_keep(ctx, &create_args, args.keep)?;
     let relay = match receiver {
         Some(r) => Some(r.accept_and_relay()?),
         None => None,
@@ -63,6 +63,13 @@ pub fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = start(ctx, id) {
         let _ = destroy(ctx, id);
         let _ = child.wait();
+        if args.keep {
+            // Its logs stay for a look; `runv delete` removes the rest.
+            return Err(anyhow::anyhow!(
+                "{e:#} (state kept in {}: runv delete {id} removes it)",
+                ctx.store.dir(id).display()
+            ));
+        }
         let _ = delete_stopped(ctx, id);
         return Err(e);
     }

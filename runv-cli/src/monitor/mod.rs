@@ -313,6 +313,14 @@ fn setup(
         "agent {} answered",
         client.agent_version()
     );
+    if client.skipped_bytes() > 0 {
+        // The channel is meant to be the agent's alone: say so, since it worked anyway.
+        tracing::warn!(
+            "the agent channel carried {} bytes of other output before the agent's hello \
+             (skipped; see the driver's channel setup)",
+            client.skipped_bytes()
+        );
+    }
     client.request(
         Request::SetPowerOffWhenIdle { enabled: true },
         REQUEST_TIMEOUT,
