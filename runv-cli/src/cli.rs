@@ -14,7 +14,7 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
     mut_arg("log", |a| a.help("write runv's log to this file (default: stderr)")),
     mut_arg("debug", |a| a.help("log at debug level")),
     mut_arg("log_format", |a| a.help("log format: text (default) or json (runc-style lines)")),
-    mut_arg("systemd_cgroup", |a| a.help("accepted for runc compatibility (cgroups live in the guest)")),
+    mut_arg("systemd_cgroup", |a| a.help("linux.cgroupsPath is a systemd slice:prefix:name, managed through systemd")),
     mut_subcommand("checkpointt", |c| c.hide(true)),
 )]
 pub struct Cli {

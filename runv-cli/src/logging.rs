@@ -70,8 +70,13 @@ pub fn init(log_file: Option<&Path>, format: Format, debug: bool) -> anyhow::Res
         sink: Mutex::new(sink),
         format,
     };
+    // libcgroups warns about every v1 controller the host lacks (hugetlb, net_cls, ...):
+    // noise to an engine that shows our stderr; its errors still reach us as errors.
+    let quiet_cgroups = tracing_subscriber::filter::filter_fn(|m| {
+        !m.target().starts_with("libcgroups") || *m.level() <= tracing::Level::ERROR
+    });
     Registry::default()
-        .with(layer.with_filter(level))
+        .with(layer.with_filter(level).with_filter(quiet_cgroups))
         .try_init()
         .context("installing the logger")?;
     Ok(to_file)

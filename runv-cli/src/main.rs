@@ -7,6 +7,7 @@ mod console;
 mod container_id;
 mod control;
 mod hooks;
+mod host_cgroup;
 mod logging;
 mod monitor;
 mod network;
@@ -102,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         log: cli.global.log.clone(),
         log_format: cli.global.log_format.clone(),
         debug: cli.global.debug,
+        systemd_cgroup: cli.global.systemd_cgroup,
     };
     match command {
         Command::Drivers(args) => commands::drivers::run(

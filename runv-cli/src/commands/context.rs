@@ -12,6 +12,8 @@ pub struct Ctx {
     pub log: Option<PathBuf>,
     pub log_format: Option<String>,
     pub debug: bool,
+    /// `--systemd-cgroup`: linux.cgroupsPath is `slice:prefix:name`, managed through systemd.
+    pub systemd_cgroup: bool,
 }
 
 impl Ctx {

@@ -125,6 +125,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             log_format: ctx.log_format.clone(),
             debug: ctx.debug,
             agent_timeout_secs,
+            systemd_cgroup: ctx.systemd_cgroup,
         };
         config.save(&dir)?;
         let child = spawn_monitor(
@@ -152,6 +153,8 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             // goes away now: move them out and name them where they are.
             let message = format!("{e:#}");
             let kept = keep_failure_logs(&dir, &failed_logs_dir(ctx.store.root(), args.id));
+            // The monitor may have joined the host cgroup before it failed.
+            crate::host_cgroup::remove(&bundle.spec, args.id, ctx.systemd_cgroup);
             let _ = ctx.store.remove(args.id);
             match kept {
                 Some(to) => Err(anyhow::anyhow!(

@@ -194,6 +194,11 @@ fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         }
     }
     if let Ok(bundle) = crate::bundle::Bundle::load(Path::new(&state.bundle)) {
+        // The monitor and the VMM are gone: their host cgroup can go too, as runc's does.
+        let systemd = monitor::config::MonitorConfig::load(&dir)
+            .map(|c| c.systemd_cgroup)
+            .unwrap_or(ctx.systemd_cgroup);
+        crate::host_cgroup::remove(&bundle.spec, id, systemd);
         let mut oci = state.to_oci_json();
         oci["status"] = "stopped".into();
         if let Err(e) = hooks::run(&bundle.spec, Point::Poststop, &oci) {

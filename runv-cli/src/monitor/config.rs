@@ -29,6 +29,9 @@ pub struct MonitorConfig {
     pub debug: bool,
     /// How long the guest agent may take to answer after the VM started.
     pub agent_timeout_secs: u64,
+    /// `--systemd-cgroup` was given: the host cgroup is managed through systemd.
+    #[serde(default)]
+    pub systemd_cgroup: bool,
 }
 
 impl MonitorConfig {

@@ -187,6 +187,13 @@ fn setup(
     // Before any thread starts: engines look at /proc/<our pid>/ns/net.
     let netns = crate::network::Netns::from_spec(&bundle.spec);
     crate::network::enter(&netns)?;
+    // Before the VMM starts, so that it is born in the container's cgroup.
+    crate::host_cgroup::join(
+        &bundle.spec,
+        &config.id,
+        config.systemd_cgroup,
+        config.memory_mib,
+    )?;
     let hypervisor = registry.choose_hypervisor(Some(&config.driver))?;
 
     let prepared = match &config.storage {
