@@ -108,7 +108,7 @@ mod tests {
         assert_eq!(mem, ((320 + VMM_HOST_OVERHEAD_MIB) * 1024 * 1024) as i64);
         assert!(r.pids().is_none());
         let cpu = r.cpu().as_ref().unwrap();
-        assert_eq!(cpu.quota(), &Some(50000));
+        assert_eq!(cpu.quota(), Some(50000));
         assert_eq!(cpu.cpus().as_deref(), Some("0"));
     }
 
