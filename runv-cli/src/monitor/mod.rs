@@ -281,7 +281,11 @@ fn setup(
         s.pid = std::process::id() as i32;
         s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
     })?;
-    let oci_state = state.to_oci_json();
+    let mut oci_state = state.to_oci_json();
+    // The spec's lifecycle runs these hooks after the runtime environment was created
+    // (step 2), which is "created", not "creating" (the status in state.json until the VM is
+    // up).
+    oci_state["status"] = Status::Created.as_str().into();
     for point in [Point::Prestart, Point::CreateRuntime] {
         crate::network::in_host_netns(|| hooks::run(&bundle.spec, point, &oci_state))?;
     }
