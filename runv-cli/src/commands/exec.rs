@@ -67,6 +67,13 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         .into());
     }
     report_ready(ready_fd, "ok");
+    if ready_fd.is_none() {
+        if let Some(pid_file) = &args.pid_file {
+            // As runc, also in the foreground: this process stands for the exec'd one (it
+            // relays its stdio and exits with its status).
+            write_pid_file(pid_file, std::process::id())?;
+        }
+    }
     let done = call.next(None)?;
     drop(relay);
     if let Some(error) = done.error {
