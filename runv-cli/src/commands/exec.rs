@@ -27,7 +27,11 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
     match state.effective_status() {
         Status::Running => {}
         Status::Paused if args.ignore_paused => {}
-        Status::Paused => bail!("cannot exec in a paused container (use --ignore-paused)"),
+        // runc's wording for the first two.
+        Status::Paused => {
+            bail!("cannot exec in a paused container (use --ignore-paused to override)")
+        }
+        Status::Stopped => bail!("cannot exec in a stopped container"),
         _ => bail!("cannot exec in a container that is not running"),
     }
     let process = build_process(args, Path::new(&state.bundle))?;

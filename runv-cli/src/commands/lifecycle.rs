@@ -82,7 +82,8 @@ pub fn kill(ctx: &Ctx, id: &str, signal: &str, all: bool) -> anyhow::Result<()> 
     let signal = signals::parse(signal)?;
     let (_, status) = load_live(ctx, id)?;
     if matches!(status, Status::Stopped | Status::Creating) {
-        bail!("container {id} is not running");
+        // runc's words: containerd takes "container not running" as "already exited".
+        bail!("container not running");
     }
     control::call(
         &ctx.store.dir(id),
@@ -96,9 +97,10 @@ pub fn pause(ctx: &Ctx, id: &str, pause: bool) -> anyhow::Result<()> {
     let (_, status) = load_live(ctx, id)?;
     match (pause, status) {
         (true, Status::Running | Status::Created) | (false, Status::Paused) => {}
-        (true, Status::Paused) => bail!("container {id} is already paused"),
-        (false, Status::Running | Status::Created) => bail!("container {id} is not paused"),
-        _ => bail!("container {id} is not running"),
+        // runc's libcontainer wording.
+        (true, Status::Paused) => bail!("container paused"),
+        (false, Status::Running | Status::Created) => bail!("container not paused"),
+        _ => bail!("container not running"),
     }
     let request = if pause {
         Request::Pause

@@ -75,7 +75,8 @@ fn print_columns<const N: usize>(rows: &[[String; N]]) {
 fn require_live(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let state = ctx.store.load(id)?;
     match state.effective_status() {
-        Status::Stopped | Status::Creating => bail!("container {id} is not running"),
+        // runc's words.
+        Status::Stopped | Status::Creating => bail!("container not running"),
         _ => Ok(()),
     }
 }
