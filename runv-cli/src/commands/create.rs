@@ -67,10 +67,7 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
         // agent's debug lines.
         kernel_params.push_str(" runv.log=debug printk.devkmsg=on");
     }
-    let agent_timeout_secs = std::env::var(ENV_AGENT_TIMEOUT)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS);
+    let agent_timeout_secs = agent_timeout()?;
 
     // Unix socket paths (control, agent, QMP) are limited to 107 bytes; longer ones (docker:
     // 64-character ids under /run/docker/runtime-runc/moby) go through
@@ -131,10 +128,43 @@ pub fn create(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<Child> {
         }
         Ok(child)
     })();
-    if result.is_err() {
-        let _ = ctx.store.remove(args.id);
+    match result {
+        Ok(child) => Ok(child),
+        Err(e) => {
+            // The state dir goes: keep its logs where the error can name them.
+            let kept = ctx.store.keep_failed_logs(args.id);
+            let _ = ctx.store.remove(args.id);
+            let message = format!("{e:#}");
+            match kept {
+                Some(kept) => {
+                    let kept = kept.display().to_string();
+                    let message = message.replace(&dir.display().to_string(), &kept);
+                    if message.contains(&kept) {
+                        bail!("{message}")
+                    }
+                    bail!("{message} (logs kept in {kept})")
+                }
+                None => Err(e),
+            }
+        }
     }
-    result
+}
+
+/// `RUNV_AGENT_TIMEOUT` (seconds), or the default. A value that is not a positive number is
+/// an error: silently using the default would hide the typo.
+fn agent_timeout() -> anyhow::Result<u64> {
+    match std::env::var(ENV_AGENT_TIMEOUT) {
+        Err(std::env::VarError::NotPresent) => Ok(DEFAULT_AGENT_TIMEOUT_SECS),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            bail!("invalid {ENV_AGENT_TIMEOUT} {v:?}: want a number of seconds")
+        }
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=86_400).contains(&n) => Ok(n),
+            _ => {
+                bail!("invalid {ENV_AGENT_TIMEOUT} {v:?}: want a number of seconds from 1 to 86400")
+            }
+        },
+    }
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

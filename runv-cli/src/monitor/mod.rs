@@ -117,10 +117,20 @@ fn log_console_tail(dir: &Path) {
 
 fn init_logging(config: &MonitorConfig, dir: &Path) -> anyhow::Result<()> {
     // The monitor's stderr is the container's: its logs go to the --log file or the state dir.
-    let log = config
-        .log
-        .clone()
-        .unwrap_or_else(|| dir.join("monitor.log"));
+    let log = match &config.log {
+        Some(log) => log.clone(),
+        None => {
+            // Ours, so root's only (logging::init would create it with the umask's mode).
+            let log = dir.join("monitor.log");
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(crate::state::FILE_MODE)
+                .open(&log)?;
+            log
+        }
+    };
     let format = crate::logging::Format::parse(config.log_format.as_deref())?;
     crate::logging::init(Some(&log), format, config.debug)?;
     Ok(())
@@ -195,8 +205,16 @@ fn setup(
                 .choose_storage(Some(name))?
                 .context("storage driver vanished")?;
             let request = storage_request(&config.id, dir, &bundle);
-            std::fs::create_dir_all(&request.state_dir)?;
-            std::fs::write(dir.join(STORAGE_REQUEST), serde_json::to_vec(&request)?)?;
+            if let Err(e) = crate::state::private_dir(&request.state_dir) {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(e)
+                        .with_context(|| format!("creating {}", request.state_dir.display()));
+                }
+            }
+            crate::state::write_private(
+                &dir.join(STORAGE_REQUEST),
+                &serde_json::to_vec(&request)?,
+            )?;
             let prepared = storage
                 .client
                 .prepare(&request)
@@ -231,7 +249,7 @@ fn setup(
     tracing::debug!(phase = "rootfs-ready", "rootfs ready");
 
     let vm_dir = dir.join("vm");
-    std::fs::create_dir_all(&vm_dir)?;
+    crate::state::private_dir(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
     // The VMM binds its sockets there: go through a short alias when the path is too long
     // (the fd stays open for the monitor's life; the VMM reaches it via /proc/<pid>/fd).
     let (vm_sock, vm_dir_fd) = crate::control::short_socket_path(&vm_dir, "agent.sock")?;
@@ -371,6 +389,12 @@ fn setup(
         s.pid = std::process::id() as i32;
         s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
         s.runv.vm_pids = vm.pids();
+        s.runv.vm_start_times = s
+            .runv
+            .vm_pids
+            .iter()
+            .map(|p| crate::state::process_start_time(*p as i32).unwrap_or_default())
+            .collect();
         s.runv.rootfs = rootfs_path.display().to_string();
         s.runv.console_log = vm.console_log().display().to_string();
     })?;
