@@ -4,6 +4,7 @@
 //! exit status.
 
 pub mod config;
+mod logs;
 mod rootfs_image;
 mod server;
 pub mod stdio;
@@ -312,12 +313,24 @@ fn setup(
     cleanup.network_links = network_links.clone();
     vm_config.network_interfaces = network.nics.clone();
 
+    // The VMM (and the driver, for it) creates the console and hypervisor logs and its
+    // sockets (QMP: full control of the guest) in the state dir: whatever our caller's umask,
+    // they are root's only. The VMM keeps this umask for whatever it creates later. No other
+    // thread of ours creates files meanwhile (the control socket is not bound yet).
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let started = hypervisor.client.start_vm(&vm_config);
+    nix::sys::stat::umask(old_umask);
     let vm = Arc::new(
-        hypervisor
-            .client
-            .start_vm(&vm_config)
+        started
             .map_err(|e| anyhow::anyhow!("starting the VM with driver {}: {e}", config.driver))?,
     );
+    logs::spawn_rotation(vec![
+        vm_config.console_log.clone(),
+        vm_config
+            .log_file
+            .clone()
+            .unwrap_or_else(|| dir.join("hypervisor.log")),
+    ]);
     cleanup.vm = Some(vm.clone());
     tracing::debug!(phase = "vmm-up", "VM started, pids {:?}", vm.pids());
     let channel = vm
