@@ -281,3 +281,29 @@ fn list_json_has_runcs_fields_and_errors_use_runcs_words() {
     }
     env.assert_clean();
 }
+
+#[test]
+fn a_hook_that_does_not_read_its_input_kills_nothing() {
+    let env = Env::new("hook-stdin");
+    let bundle = env.bundle("b", &["true"]);
+    env.edit_spec(&bundle, |spec| {
+        // A state larger than a pipe's buffer: runv cannot have written it all before the
+        // hook exits.
+        spec["annotations"] = serde_json::json!({"org.example.big": "x".repeat(256 << 10)});
+        spec["hooks"] = serde_json::json!({
+            "prestart": [{"path": "/bin/true"}],
+            "poststop": [{"path": "/bin/true"}],
+        });
+    });
+    let out = env.run(
+        env.runv().args(["run", "--bundle"]).arg(&bundle).arg("q1"),
+        180,
+    );
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    env.assert_clean();
+}

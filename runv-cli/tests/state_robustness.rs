@@ -201,7 +201,13 @@ fn ten_concurrent_force_deletes_all_succeed() {
         .collect();
     for h in handles {
         let out = h.join().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
     }
     assert_eq!(
         fs::read_to_string(&log).unwrap_or_default(),
