@@ -59,6 +59,10 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
 fn handle(monitor: &Monitor, stream: UnixStream) {
     if let Err(e) = peer_allowed(&stream) {
         tracing::warn!("control socket: {e}");
+        // Read (and drop) the request first, briefly: closing a unix socket with unread
+        // data resets the connection, and the refusal would be lost.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = control::receive(&stream);
         let _ = control::reply(&stream, &Reply::err(e, None));
         return;
     }
