@@ -126,6 +126,12 @@ fn a_guest_that_never_answers_times_out() {
         err.contains("guest console log"),
         "points at the console log: {err}"
     );
+    // ... which outlives the removed state dir.
+    let failed = env.root.join(".failed");
+    assert!(
+        err.contains(failed.to_str().unwrap()),
+        "the kept copy: {err}"
+    );
     env.assert_clean();
     let _ = text(b"");
 }
