@@ -297,3 +297,41 @@ fn console_and_hypervisor_logs_are_capped() {
     env.run_ok(env.runv().args(["delete", "--force", "g1"]), 60);
     env.assert_clean();
 }
+
+#[test]
+fn a_killed_container_stops_even_when_nobody_reads_its_output() {
+    let env = Env::new("stalled-reader");
+    let bundle = env.bundle("b", &["yes"]);
+    // create's stdout (the container's) is a pipe the test never reads: the relay stalls
+    // and flow control backs up into the guest.
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let (status, _, err) = {
+        let mut cmd = env.runv();
+        cmd.args(["create", "--bundle"]).arg(&bundle).arg("s1");
+        let err_path = env.dir.join("create.err");
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(fs::File::create(&err_path).unwrap())
+            .spawn()
+            .unwrap();
+        let out = common::wait_output(child, std::time::Duration::from_secs(180), "create");
+        (
+            out.status,
+            (),
+            fs::read_to_string(&err_path).unwrap_or_default(),
+        )
+    };
+    assert!(status.success(), "create: {err}");
+    env.run_ok(env.runv().args(["start", "s1"]), 60);
+    // Let the output back up.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    env.run_ok(env.runv().args(["kill", "s1", "KILL"]), 30);
+    // The exit is reported after a bounded wait for the output (it was up to an hour).
+    wait_until(30, "s1 to read as stopped", || {
+        env.state("s1")["status"] == "stopped"
+    });
+    drop(read_end);
+    env.run_ok(env.runv().args(["delete", "s1"]), 60);
+    env.assert_clean();
+}
