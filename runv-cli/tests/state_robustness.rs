@@ -335,3 +335,25 @@ fn a_killed_container_stops_even_when_nobody_reads_its_output() {
     env.run_ok(env.runv().args(["delete", "s1"]), 60);
     env.assert_clean();
 }
+
+#[test]
+fn monitor_log_tells_when_the_vm_was_killed() {
+    let env = Env::new("vm-killed");
+    let bundle = env.bundle("b", &["sleep", "1000"]);
+    run_detached(&env, &mut env.runv(), &bundle, "k1");
+    let pids = common::qemu_pids_for(&env.dir);
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    wait_until(30, "k1 to read as stopped", || {
+        env.state("k1")["status"] == "stopped"
+    });
+    let log = fs::read_to_string(env.root.join("k1/monitor.log")).unwrap_or_default();
+    assert!(
+        log.contains("the VM ended before the container"),
+        "monitor.log: {log}"
+    );
+    env.run_ok(env.runv().args(["delete", "k1"]), 60);
+    env.assert_clean();
+}

@@ -489,6 +489,13 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // The VM went away (the VMM was killed, the guest crashed): say so in
+                // monitor.log, the only trace left of why the container "exited" 137.
+                let reason = monitor
+                    .client
+                    .disconnected()
+                    .unwrap_or_else(|| "the agent connection closed".into());
+                tracing::warn!("the VM ended before the container: {reason}");
                 break ExitStatus::Signaled(9).code();
             }
         }
