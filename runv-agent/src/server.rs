@@ -626,8 +626,12 @@ impl Agent {
                     }
                 }
             }
-            // Deliver all output before the exit event. An init's pid namespace dies with
-            // it, so its streams end; an exec'd process may leave a child holding them.
+            // Deliver the output before the exit event where that is quick: an init's pid
+            // namespace dies with it, so its streams end once drained. But never hold the
+            // exit for long: a host reader that stalls (flow control) or an exec'd process's
+            // child holding its streams would keep the container "running" (it was up to an
+            // hour for an init). Past the grace the pumps carry on and the host takes what
+            // comes before it stops the VM.
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 for p in pumps {
@@ -635,8 +639,7 @@ impl Agent {
                 }
                 let _ = tx.send(());
             });
-            let grace = if exec_id.is_none() { 3600 } else { 5 };
-            let _ = rx.recv_timeout(Duration::from_secs(grace));
+            let _ = rx.recv_timeout(OUTPUT_GRACE);
             crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
             let _ = me.mux.send_message(&Message::Event {
                 event: Event::ProcessExited {
@@ -669,6 +672,9 @@ struct Spawned {
     exit: std::sync::mpsc::Receiver<ExitStatus>,
     pumps: Vec<JoinHandle<()>>,
 }
+
+/// How long an exit waits for the process's output to be delivered before it is reported.
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 
 fn no_container(id: &str) -> AgentError {
     err(format!("container does not exist: {id}"))

@@ -63,15 +63,11 @@ fn run_one(hook: &Value, input: &[u8]) -> anyhow::Result<()> {
     }
     let timeout = hook["timeout"].as_u64().map(Duration::from_secs);
     let mut child = cmd
-        .stdin(Stdio::piped())
+        .stdin(state_input(input)?)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {path}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A hook may exit without reading its input; that is not an error.
-        let _ = stdin.write_all(input);
-    }
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -98,6 +94,24 @@ fn run_one(hook: &Value, input: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The hook's stdin: the state in an anonymous file, not a pipe. A hook may exit without
+/// reading its input (that is not an error), and writing to a pipe it closed raises SIGPIPE,
+/// which kills the runv command (the CLI keeps SIGPIPE's default); a pipe would also block a
+/// large state until the hook reads, past its timeout.
+fn state_input(input: &[u8]) -> anyhow::Result<Stdio> {
+    use std::io::{Seek, SeekFrom};
+    let fd = nix::sys::memfd::memfd_create(
+        c"runv-hook-state",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .context("creating the hook's input")?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(input)
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+        .context("writing the hook's input")?;
+    Ok(Stdio::from(file))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +136,12 @@ mod tests {
             "{err}"
         );
         run(&spec, Point::Poststart, &state).unwrap();
+        // A hook that never reads a large state is neither a failure nor a hang.
+        let quiet = serde_json::json!({"hooks": {"poststop": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "exit 0"], "timeout": 10}
+        ]}});
+        let big = serde_json::json!({"id": "c1", "annotations": {"k": "v".repeat(1 << 20)}});
+        run(&quiet, Point::Poststop, &big).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

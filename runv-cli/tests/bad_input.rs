@@ -122,19 +122,25 @@ fn a_guest_that_never_answers_times_out() {
         120,
     );
     assert_one_line_error(status, &err, "did not answer within 1s");
-    // The console log it points to outlives the state dir (moved beside the state root).
+    // The console log it points to outlives the state dir (kept under <root>/.failed).
     let console = err
         .split("guest console log: ")
         .nth(1)
         .and_then(|rest| rest.split(')').next())
         .unwrap_or_else(|| panic!("points at the console log: {err}"));
     assert!(
-        console.starts_with(&format!("{}.failed/c/", env.root.display())),
+        console.starts_with(&format!("{}/.failed/c-", env.root.display())),
         "{console}"
     );
     assert!(
         fs::read_to_string(console).is_ok_and(|c| !c.is_empty()),
         "{console} is readable"
+    );
+    // ... which outlives the removed state dir.
+    let failed = env.root.join(".failed");
+    assert!(
+        err.contains(failed.to_str().unwrap()),
+        "the kept copy: {err}"
     );
     env.assert_clean();
     let _ = text(b"");

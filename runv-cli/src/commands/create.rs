@@ -73,10 +73,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
         // agent's debug lines.
         kernel_params.push_str(" runv.log=debug printk.devkmsg=on");
     }
-    let agent_timeout_secs = std::env::var(ENV_AGENT_TIMEOUT)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS);
+    let agent_timeout_secs = agent_timeout()?;
 
     // Unix socket paths (control, agent, QMP) are limited to 107 bytes; longer ones (docker:
     // 64-character ids under /run/docker/runtime-runc/moby) go through
@@ -149,76 +146,42 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             ))
         }
         Err(e) => {
-            // The error names logs in the state dir (the guest console log, monitor.log), which
-            // goes away now: move them out and name them where they are.
-            let message = format!("{e:#}");
-            let kept = keep_failure_logs(&dir, &failed_logs_dir(ctx.store.root(), args.id));
+            // The state dir goes: keep its logs where the error can name them.
+            let kept = ctx.store.keep_failed_logs(args.id);
             // The monitor may have joined the host cgroup before it failed.
             crate::host_cgroup::remove(&bundle.spec, args.id, ctx.systemd_cgroup);
             let _ = ctx.store.remove(args.id);
+            let message = format!("{e:#}");
             match kept {
-                Some(to) => Err(anyhow::anyhow!(
-                    "{}",
-                    message.replace(
-                        &format!("{}/", dir.display()),
-                        &format!("{}/", to.display())
-                    )
-                )),
+                Some(kept) => {
+                    let kept = kept.display().to_string();
+                    let message = message.replace(&dir.display().to_string(), &kept);
+                    if message.contains(&kept) {
+                        bail!("{message}")
+                    }
+                    bail!("{message} (logs kept in {kept})")
+                }
                 None => Err(e),
             }
         }
     }
 }
 
-/// Where the logs of a failed create of `id` go: `<root>.failed/<id>`, beside the state root
-/// rather than in it (everything in the root is a container), replaced by the next failure of
-/// the same id.
-fn failed_logs_dir(root: &Path, id: &str) -> PathBuf {
-    let mut name = root.file_name().unwrap_or_default().to_os_string();
-    name.push(".failed");
-    root.with_file_name(name).join(id)
-}
-
-/// Moves every `*.log` file under `dir` (the console log, monitor.log, the driver's log in
-/// `vm/`) to the same place under `to`; returns `to` if anything was moved.
-fn keep_failure_logs(dir: &Path, to: &Path) -> Option<PathBuf> {
-    fn logs(dir: &Path, depth: u32, found: &mut Vec<PathBuf>) {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() && depth > 0 => logs(&path, depth - 1, found),
-                Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "log") => {
-                    found.push(path)
-                }
-                _ => {}
+/// `RUNV_AGENT_TIMEOUT` (seconds), or the default. A value that is not a positive number is
+/// an error: silently using the default would hide the typo.
+fn agent_timeout() -> anyhow::Result<u64> {
+    match std::env::var(ENV_AGENT_TIMEOUT) {
+        Err(std::env::VarError::NotPresent) => Ok(DEFAULT_AGENT_TIMEOUT_SECS),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            bail!("invalid {ENV_AGENT_TIMEOUT} {v:?}: want a number of seconds")
+        }
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=86_400).contains(&n) => Ok(n),
+            _ => {
+                bail!("invalid {ENV_AGENT_TIMEOUT} {v:?}: want a number of seconds from 1 to 86400")
             }
-        }
+        },
     }
-    let mut found = Vec::new();
-    logs(dir, 2, &mut found);
-    if found.is_empty() {
-        return None;
-    }
-    let _ = fs::remove_dir_all(to);
-    let mut moved = false;
-    for path in found {
-        let Ok(relative) = path.strip_prefix(dir) else {
-            continue;
-        };
-        let dest = to.join(relative);
-        if let Some(parent) = dest.parent() {
-            if fs::create_dir_all(parent).is_err() {
-                continue;
-            }
-        }
-        if fs::rename(&path, &dest).is_ok() || fs::copy(&path, &dest).is_ok() {
-            moved = true;
-        }
-    }
-    moved.then(|| to.to_path_buf())
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

@@ -27,7 +27,11 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
     match state.effective_status() {
         Status::Running => {}
         Status::Paused if args.ignore_paused => {}
-        Status::Paused => bail!("cannot exec in a paused container (use --ignore-paused)"),
+        // runc's wording for the first two.
+        Status::Paused => {
+            bail!("cannot exec in a paused container (use --ignore-paused to override)")
+        }
+        Status::Stopped => bail!("cannot exec in a stopped container"),
         _ => bail!("cannot exec in a container that is not running"),
     }
     let process = build_process(args, Path::new(&state.bundle))?;
@@ -67,6 +71,13 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         .into());
     }
     report_ready(ready_fd, "ok");
+    if ready_fd.is_none() {
+        if let Some(pid_file) = &args.pid_file {
+            // As runc, also in the foreground: this process stands for the exec'd one (it
+            // relays its stdio and exits with its status).
+            write_pid_file(pid_file, std::process::id())?;
+        }
+    }
     let done = call.next(None)?;
     drop(relay);
     if let Some(error) = done.error {

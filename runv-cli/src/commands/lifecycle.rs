@@ -1,5 +1,6 @@
 //! `start`, `run`, `delete`, `kill`, `pause`, `resume`.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use super::context::Ctx;
 use super::create::{self, CreateArgs};
 use crate::control::{self, Request};
 use crate::hooks::{self, Point};
-use crate::state::{ContainerState, Status, process_alive};
+use crate::state::{ContainerState, NotExist, Status, process_alive, process_start_time};
 use crate::{monitor, signals};
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,7 +71,7 @@ pub fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<ExitCode> {
                 ctx.store.dir(id).display()
             ));
         }
-        let _ = delete_stopped(ctx, id);
+        let _ = remove_stopped(ctx, id);
         return Err(e);
     }
     if args.detach {
@@ -80,7 +81,7 @@ pub fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<ExitCode> {
     drop(relay);
     let code = status.code().unwrap_or(1);
     if !args.keep {
-        delete_stopped(ctx, id)?;
+        remove_stopped(ctx, id)?;
     }
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
@@ -89,7 +90,8 @@ pub fn kill(ctx: &Ctx, id: &str, signal: &str, all: bool) -> anyhow::Result<()> 
     let signal = signals::parse(signal)?;
     let (_, status) = load_live(ctx, id)?;
     if matches!(status, Status::Stopped | Status::Creating) {
-        bail!("container {id} is not running");
+        // runc's words: containerd takes "container not running" as "already exited".
+        bail!("container not running");
     }
     control::call(
         &ctx.store.dir(id),
@@ -103,9 +105,10 @@ pub fn pause(ctx: &Ctx, id: &str, pause: bool) -> anyhow::Result<()> {
     let (_, status) = load_live(ctx, id)?;
     match (pause, status) {
         (true, Status::Running | Status::Created) | (false, Status::Paused) => {}
-        (true, Status::Paused) => bail!("container {id} is already paused"),
-        (false, Status::Running | Status::Created) => bail!("container {id} is not paused"),
-        _ => bail!("container {id} is not running"),
+        // runc's libcontainer wording.
+        (true, Status::Paused) => bail!("container paused"),
+        (false, Status::Running | Status::Created) => bail!("container not paused"),
+        _ => bail!("container not running"),
     }
     let request = if pause {
         Request::Pause
@@ -116,13 +119,23 @@ pub fn pause(ctx: &Ctx, id: &str, pause: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `delete`: a stopped or created container is removed (as runc does: a created one is
+/// stopped first); a running or paused one only with `--force`, else nothing changes.
+/// Concurrent deletes are serialized; with `--force` a missing container is a success and a
+/// damaged one (state missing or corrupt) is still cleaned up.
 pub fn delete(ctx: &Ctx, id: &str, force: bool) -> anyhow::Result<()> {
-    let (state, status) = match load_live(ctx, id) {
-        Ok(s) => s,
-        Err(e) if force && !ctx.store.dir(id).exists() => {
+    let Some(_delete_lock) = ctx.store.delete_lock(id)? else {
+        if force {
             // runc: delete --force of a missing container succeeds.
-            tracing::debug!("{e:#}");
             return Ok(());
+        }
+        return Err(NotExist.into());
+    };
+    let (_, status) = match load_live(ctx, id) {
+        Ok(s) => s,
+        Err(e) if force && e.downcast_ref::<crate::state::Damaged>().is_some() => {
+            tracing::warn!("{e:#}");
+            return remove_damaged(ctx, id);
         }
         Err(e) => return Err(e),
     };
@@ -136,8 +149,96 @@ pub fn delete(ctx: &Ctx, id: &str, force: bool) -> anyhow::Result<()> {
             other.as_str()
         ),
     }
-    let _ = state;
     delete_stopped(ctx, id)
+}
+
+/// `delete_stopped` under the delete lock (for `run`, whose container may meet a concurrent
+/// `delete --force`).
+fn remove_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    match ctx.store.delete_lock(id)? {
+        Some(_lock) => delete_stopped(ctx, id),
+        None => Ok(()),
+    }
+}
+
+/// Cleans up a container whose state is missing or unreadable: its monitor is found by its
+/// command line (`runv __monitor <dir>`; its VMM dies with it, PDEATHSIG), storage is
+/// cleaned with what the monitor recorded, then the directory goes.
+fn remove_damaged(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let dir = ctx.store.dir(id);
+    let monitors = find_monitors(&dir);
+    for (pid, _) in &monitors {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while monitors.iter().any(|(pid, t)| process_alive(*pid, *t)) {
+        if Instant::now() > deadline {
+            bail!("container {id}: its monitor does not die; not removing its state");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = monitor::MonitorConfig::load(&dir).ok();
+    if let Some(name) = config.as_ref().and_then(|c| c.storage.clone()) {
+        cleanup_storage(ctx, id, &name)?;
+    }
+    if let Some(config) = config {
+        if let Ok(bundle) = crate::bundle::Bundle::load(&config.bundle) {
+            crate::host_cgroup::remove(&bundle.spec, id, config.systemd_cgroup);
+            let oci = serde_json::json!({
+                "ociVersion": bundle.oci_version(),
+                "id": id,
+                "status": "stopped",
+                "bundle": bundle.dir.display().to_string(),
+                "annotations": bundle.annotations(),
+            });
+            if let Err(e) = hooks::run(&bundle.spec, Point::Poststop, &oci) {
+                tracing::warn!("{e:#}");
+            }
+        }
+    }
+    ctx.store.remove(id)
+}
+
+/// Live monitors of the container in `dir` (pid, start time), found by their command line.
+pub fn find_monitors(dir: &Path) -> Vec<(i32, u64)> {
+    let Ok(want) = std::fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in procs.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() < 3 || args[1] != b"__monitor" {
+            continue;
+        }
+        let arg = Path::new(std::ffi::OsStr::from_bytes(args[2]));
+        // A relative --root was relative to the monitor's working directory.
+        let path = match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            Ok(cwd) => cwd.join(arg),
+            Err(_) => arg.to_path_buf(),
+        };
+        if std::fs::canonicalize(&path).is_ok_and(|p| p == want) {
+            if let Some(t) = process_start_time(pid) {
+                found.push((pid, t));
+            }
+        }
+    }
+    found
 }
 
 /// Ends the VM of a live container and waits for its monitor to exit.
@@ -152,6 +253,20 @@ fn destroy(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 /// Waits for the container's monitor (and with it the VM) to be gone, killing it after 10 s.
 fn wait_for_monitor(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let state = ctx.store.load(id)?;
+    if state.pid == 0 {
+        // A create still booting has not recorded its monitor yet: find it by its command
+        // line, or its directory would be removed under it.
+        for (pid, t) in find_monitors(&ctx.store.dir(id)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while process_alive(pid, t) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
     if state.pid > 0 {
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(state.pid, state.runv.monitor_start_time) && Instant::now() < deadline {
@@ -168,10 +283,17 @@ fn wait_for_monitor(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
             }
         }
     }
-    // A VMM whose monitor was killed dies with it (PDEATHSIG); make sure of it.
-    for pid in &state.runv.vm_pids {
-        let pid = nix::unistd::Pid::from_raw(*pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    // A VMM whose monitor was killed dies with it (PDEATHSIG); make sure of it, but only
+    // of the very processes the monitor started (start time recorded), never a reused PID.
+    for (i, pid) in state.runv.vm_pids.iter().enumerate() {
+        let pid = *pid as i32;
+        let started = state.runv.vm_start_times.get(i).copied();
+        if started.is_some_and(|t| process_alive(pid, t)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
     Ok(())
 }
@@ -181,17 +303,7 @@ fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let state = ctx.store.load(id)?;
     let dir = ctx.store.dir(id);
     if let Some(name) = &state.runv.storage {
-        // The request the monitor prepared with; absent if it never got that far.
-        if let Some(request) = monitor::load_storage_request(&dir)? {
-            let registry = ctx.registry();
-            let storage = registry.storage(name).with_context(|| {
-                format!("storage driver {name} is not found; cannot clean up container {id}")
-            })?;
-            storage
-                .client
-                .cleanup(&request)
-                .map_err(|e| anyhow::anyhow!("storage driver {name}: cleanup: {e}"))?;
-        }
+        cleanup_storage(ctx, id, name)?;
     }
     if let Ok(bundle) = crate::bundle::Bundle::load(Path::new(&state.bundle)) {
         // The monitor and the VMM are gone: their host cgroup can go too, as runc's does.
@@ -206,4 +318,20 @@ fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         }
     }
     ctx.store.remove(id)
+}
+
+/// Undoes what storage driver `name` prepared for the container, if it got that far.
+fn cleanup_storage(ctx: &Ctx, id: &str, name: &str) -> anyhow::Result<()> {
+    // The request the monitor prepared with; absent if it never got that far.
+    let Some(request) = monitor::load_storage_request(&ctx.store.dir(id))? else {
+        return Ok(());
+    };
+    let registry = ctx.registry();
+    let storage = registry.storage(name).with_context(|| {
+        format!("storage driver {name} is not found; cannot clean up container {id}")
+    })?;
+    storage
+        .client
+        .cleanup(&request)
+        .map_err(|e| anyhow::anyhow!("storage driver {name}: cleanup: {e}"))
 }

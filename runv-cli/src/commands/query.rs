@@ -19,36 +19,42 @@ pub fn state(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 }
 
 pub fn list(ctx: &Ctx, format: &str, quiet: bool) -> anyhow::Result<()> {
-    let mut states = Vec::new();
+    if !matches!(format, "json" | "table") {
+        bail!("invalid format {format:?}: want table or json");
+    }
+    let mut entries = Vec::new();
     for id in ctx.store.ids()? {
         match ctx.store.load(&id) {
-            Ok(s) => states.push(s),
-            Err(e) => tracing::warn!("skipping {id}: {e:#}"),
+            Ok(s) => entries.push(s.to_list_json()),
+            // Gone between the listing and the read: a concurrent delete.
+            Err(e) if e.downcast_ref::<crate::state::NotExist>().is_some() => {}
+            Err(e) => {
+                // Damaged or half-made: shown (it may hold a VM until `delete --force`).
+                tracing::warn!("{e:#}");
+                entries.push(damaged_entry(ctx, &id));
+            }
         }
     }
     if quiet {
-        for s in &states {
-            println!("{}", s.id);
+        for e in &entries {
+            println!("{}", e["id"].as_str().unwrap_or_default());
         }
         return Ok(());
     }
     match format {
-        "json" => {
-            let all: Vec<Value> = states.iter().map(|s| s.to_runc_json()).collect();
-            println!("{}", serde_json::to_string(&all)?);
-        }
+        "json" => println!("{}", serde_json::to_string(&entries)?),
         "table" => {
             let mut rows =
                 vec![["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from)];
-            for s in &states {
-                let j = s.to_runc_json();
+            let field = |e: &Value, k: &str| e[k].as_str().unwrap_or_default().to_string();
+            for e in &entries {
                 rows.push([
-                    s.id.clone(),
-                    j["pid"].to_string(),
-                    j["status"].as_str().unwrap_or("").to_string(),
-                    s.bundle.clone(),
-                    s.created.clone(),
-                    s.owner.clone(),
+                    field(e, "id"),
+                    e["pid"].to_string(),
+                    field(e, "status"),
+                    field(e, "bundle"),
+                    field(e, "created"),
+                    field(e, "owner"),
                 ]);
             }
             print_columns(&rows);
@@ -56,6 +62,36 @@ pub fn list(ctx: &Ctx, format: &str, quiet: bool) -> anyhow::Result<()> {
         other => bail!("invalid format {other:?}: want table or json"),
     }
     Ok(())
+}
+
+/// What `list` shows for a container whose state is damaged: `unknown` while its monitor
+/// lives, `stopped` otherwise; the bundle from the monitor's configuration when readable.
+fn damaged_entry(ctx: &Ctx, id: &str) -> Value {
+    let dir = ctx.store.dir(id);
+    let monitors = super::lifecycle::find_monitors(&dir);
+    let (status, pid) = match monitors.first() {
+        Some((pid, _)) => ("unknown", *pid),
+        None => (Status::Stopped.as_str(), 0),
+    };
+    let bundle = crate::monitor::MonitorConfig::load(&dir)
+        .map(|c| c.bundle.display().to_string())
+        .unwrap_or_default();
+    let created = std::fs::metadata(&dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| crate::logging::rfc3339(d.as_secs() as i64, d.subsec_nanos()))
+        .unwrap_or_default();
+    json!({
+        "ociVersion": "",
+        "id": id,
+        "pid": pid,
+        "status": status,
+        "bundle": bundle,
+        "rootfs": "",
+        "created": created,
+        "owner": "root",
+    })
 }
 
 fn print_columns<const N: usize>(rows: &[[String; N]]) {
@@ -75,7 +111,8 @@ fn print_columns<const N: usize>(rows: &[[String; N]]) {
 fn require_live(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let state = ctx.store.load(id)?;
     match state.effective_status() {
-        Status::Stopped | Status::Creating => bail!("container {id} is not running"),
+        // runc's words.
+        Status::Stopped | Status::Creating => bail!("container not running"),
         _ => Ok(()),
     }
 }

@@ -36,9 +36,7 @@ pub struct MonitorConfig {
 
 impl MonitorConfig {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        let path = dir.join(FILE);
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("writing {}", path.display()))
+        crate::state::write_private(&dir.join(FILE), &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {

@@ -4,6 +4,7 @@
 //! exit status.
 
 pub mod config;
+mod logs;
 mod rootfs_image;
 mod server;
 pub mod stdio;
@@ -117,10 +118,20 @@ fn log_console_tail(dir: &Path) {
 
 fn init_logging(config: &MonitorConfig, dir: &Path) -> anyhow::Result<()> {
     // The monitor's stderr is the container's: its logs go to the --log file or the state dir.
-    let log = config
-        .log
-        .clone()
-        .unwrap_or_else(|| dir.join("monitor.log"));
+    let log = match &config.log {
+        Some(log) => log.clone(),
+        None => {
+            // Ours, so root's only (logging::init would create it with the umask's mode).
+            let log = dir.join("monitor.log");
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(crate::state::FILE_MODE)
+                .open(&log)?;
+            log
+        }
+    };
     let format = crate::logging::Format::parse(config.log_format.as_deref())?;
     crate::logging::init(Some(&log), format, config.debug)?;
     Ok(())
@@ -202,8 +213,16 @@ fn setup(
                 .choose_storage(Some(name))?
                 .context("storage driver vanished")?;
             let request = storage_request(&config.id, dir, &bundle);
-            std::fs::create_dir_all(&request.state_dir)?;
-            std::fs::write(dir.join(STORAGE_REQUEST), serde_json::to_vec(&request)?)?;
+            if let Err(e) = crate::state::private_dir(&request.state_dir) {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(e)
+                        .with_context(|| format!("creating {}", request.state_dir.display()));
+                }
+            }
+            crate::state::write_private(
+                &dir.join(STORAGE_REQUEST),
+                &serde_json::to_vec(&request)?,
+            )?;
             let prepared = storage
                 .client
                 .prepare(&request)
@@ -238,7 +257,7 @@ fn setup(
     tracing::debug!(phase = "rootfs-ready", "rootfs ready");
 
     let vm_dir = dir.join("vm");
-    std::fs::create_dir_all(&vm_dir)?;
+    crate::state::private_dir(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
     // The VMM binds its sockets there: go through a short alias when the path is too long
     // (the fd stays open for the monitor's life; the VMM reaches it via /proc/<pid>/fd).
     let (vm_sock, vm_dir_fd) = crate::control::short_socket_path(&vm_dir, "agent.sock")?;
@@ -288,7 +307,11 @@ fn setup(
         s.pid = std::process::id() as i32;
         s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
     })?;
-    let oci_state = state.to_oci_json();
+    let mut oci_state = state.to_oci_json();
+    // The spec's lifecycle runs these hooks after the runtime environment was created
+    // (step 2), which is "created", not "creating" (the status in state.json until the VM is
+    // up).
+    oci_state["status"] = Status::Created.as_str().into();
     for point in [Point::Prestart, Point::CreateRuntime] {
         crate::network::in_host_netns(|| hooks::run(&bundle.spec, point, &oci_state))?;
     }
@@ -297,12 +320,24 @@ fn setup(
     cleanup.network_links = network_links.clone();
     vm_config.network_interfaces = network.nics.clone();
 
+    // The VMM (and the driver, for it) creates the console and hypervisor logs and its
+    // sockets (QMP: full control of the guest) in the state dir: whatever our caller's umask,
+    // they are root's only. The VMM keeps this umask for whatever it creates later. No other
+    // thread of ours creates files meanwhile (the control socket is not bound yet).
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let started = hypervisor.client.start_vm(&vm_config);
+    nix::sys::stat::umask(old_umask);
     let vm = Arc::new(
-        hypervisor
-            .client
-            .start_vm(&vm_config)
+        started
             .map_err(|e| anyhow::anyhow!("starting the VM with driver {}: {e}", config.driver))?,
     );
+    logs::spawn_rotation(vec![
+        vm_config.console_log.clone(),
+        vm_config
+            .log_file
+            .clone()
+            .unwrap_or_else(|| dir.join("hypervisor.log")),
+    ]);
     cleanup.vm = Some(vm.clone());
     tracing::debug!(phase = "vmm-up", "VM started, pids {:?}", vm.pids());
     let channel = vm
@@ -382,6 +417,12 @@ fn setup(
         s.pid = std::process::id() as i32;
         s.runv.monitor_start_time = crate::state::process_start_time(s.pid).unwrap_or_default();
         s.runv.vm_pids = vm.pids();
+        s.runv.vm_start_times = s
+            .runv
+            .vm_pids
+            .iter()
+            .map(|p| crate::state::process_start_time(*p as i32).unwrap_or_default())
+            .collect();
         s.runv.rootfs = rootfs_path.display().to_string();
         s.runv.console_log = vm.console_log().display().to_string();
     })?;
@@ -463,6 +504,13 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // The VM went away (the VMM was killed, the guest crashed): say so in
+                // monitor.log, the only trace left of why the container "exited" 137.
+                let reason = monitor
+                    .client
+                    .disconnected()
+                    .unwrap_or_else(|| "the agent connection closed".into());
+                tracing::warn!("the VM ended before the container: {reason}");
                 break ExitStatus::Signaled(9).code();
             }
         }

@@ -24,6 +24,13 @@ pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
     let (short, _dir_fd) = control::short_socket_path(&monitor.dir, CONTROL_SOCKET)?;
     let listener = UnixListener::bind(&short)
         .with_context(|| format!("binding control socket {}", path.display()))?;
+    // The state dir (0700) already keeps others out; the socket's own mode does too, for a
+    // root or state dir someone loosened.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("securing control socket {}", path.display()))?;
+    }
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
@@ -34,7 +41,31 @@ pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the peer of a control connection may drive the container: root, or the user the
+/// monitor runs as. The socket controls a VM (exec as root in the guest, destroy): no one
+/// else, whatever the file modes say.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() => Ok(()),
+        Ok(cred) => Err(format!(
+            "permission denied: uid {} (pid {}) may not use this container's control socket",
+            cred.uid(),
+            cred.pid()
+        )),
+        Err(e) => Err(format!("permission denied: peer credentials unknown: {e}")),
+    }
+}
+
 fn handle(monitor: &Monitor, stream: UnixStream) {
+    if let Err(e) = peer_allowed(&stream) {
+        tracing::warn!("control socket: {e}");
+        // Read (and drop) the request first, briefly: closing a unix socket with unread
+        // data resets the connection, and the refusal would be lost.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = control::receive(&stream);
+        let _ = control::reply(&stream, &Reply::err(e, None));
+        return;
+    }
     let (request, fds) = match control::receive(&stream) {
         Ok(r) => r,
         Err(e) => {

@@ -120,11 +120,14 @@ impl Env {
         out
     }
 
+    /// Every entry of the state root but `.failed` (the kept logs of failed creates, meant to
+    /// stay).
     fn container_ids(&self) -> Vec<String> {
         fs::read_dir(&self.root)
             .map(|d| {
                 d.filter_map(Result::ok)
                     .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|name| name != ".failed")
                     .collect()
             })
             .unwrap_or_default()
