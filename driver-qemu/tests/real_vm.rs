@@ -204,6 +204,17 @@ fn boot_through_the_plugin_then_quit_while_paused() {
     // Raw bytes from the guest: the agent's Hello control frame
     // (u32 LE length, u8 type, u32 id, JSON payload).
     let mut channel = std::fs::File::from(vm.take_agent_channel().unwrap());
+    // The agent's magic comes first (protocol 2): the qemu virtio-serial port carries
+    // nothing else.
+    let mut magic = vec![0u8; runv_proto::AGENT_MAGIC.len()];
+    channel
+        .read_exact(&mut magic)
+        .unwrap_or_else(|e| panic!("reading the agent channel: {e}\n{}", logs(&scratch)));
+    assert_eq!(
+        magic,
+        runv_proto::AGENT_MAGIC,
+        "the channel starts with the agent's magic"
+    );
     let mut header = [0u8; 9];
     channel
         .read_exact(&mut header)

@@ -244,6 +244,7 @@ impl Agent {
         let mut security = None;
         let r = (|| {
             self.mount_rootfs(&rootfs, &root)?;
+            self.ensure_mount_sources(&spec.mounts)?;
             let mut files = Vec::new();
             for (name, content, dst) in [
                 ("hosts", &hosts, "/etc/hosts"),
@@ -329,6 +330,51 @@ impl Agent {
         Ok(ResponseBody::Process { pid })
     }
 
+    /// Mounts the 9p share `tag` under /run/runv/shares once and returns where: a tag can be
+    /// mounted only once, so containers using it get bind mounts of that.
+    fn ensure_share(&self, tag: &str) -> Result<PathBuf, AgentError> {
+        let share = Path::new(SHARES).join(tag.replace('/', "_"));
+        let mut shares = lock(&self.shares);
+        if !shares.contains(tag) {
+            // Xen shares 9p over its own transport (driver-xen's `p9 =`).
+            let (transport, trans) = if crate::modules::on_xen() {
+                ("9pnet_xen", "trans=xen,version=9p2000.L,msize=262144")
+            } else {
+                ("9pnet_virtio", "trans=virtio,version=9p2000.L,msize=262144")
+            };
+            for m in [transport, "9p"] {
+                self.modules.ensure(m).map_err(err)?;
+            }
+            std::fs::create_dir_all(&share)
+                .map_err(|e| err(format!("mkdir {}: {e}", share.display())))?;
+            mount(Some(tag), &share, Some("9p"), MsFlags::empty(), Some(trans))
+                .map_err(|e| err(format!("mount 9p share {tag:?}: {e}")))?;
+            shares.insert(tag.to_string());
+        }
+        Ok(share)
+    }
+
+    /// Mounts the shares that the spec's bind mounts come from (the host's volumes, which
+    /// runv shares as `/run/runv/shares/<tag>/<n>`).
+    fn ensure_mount_sources(&self, mounts: &[crate::spec::Mount]) -> Result<(), AgentError> {
+        for m in mounts {
+            let Some(rest) = m
+                .source
+                .as_deref()
+                .and_then(|s| s.strip_prefix(SHARES))
+                .and_then(|s| s.strip_prefix('/'))
+            else {
+                continue;
+            };
+            if let Some((tag, _)) = rest.split_once('/') {
+                if !tag.is_empty() && !tag.contains("..") {
+                    self.ensure_share(tag)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn mount_rootfs(&self, rootfs: &runv_proto::Rootfs, target: &Path) -> Result<(), AgentError> {
         let mut flags = MsFlags::empty();
         if rootfs.readonly {
@@ -336,34 +382,7 @@ impl Agent {
         }
         match &rootfs.source {
             RootfsSource::Share { tag } => {
-                // A 9p tag can be mounted only once: mount it under /run/runv/shares and
-                // bind-mount that into each container using it.
-                let share = Path::new(SHARES).join(tag.replace('/', "_"));
-                {
-                    let mut shares = lock(&self.shares);
-                    if !shares.contains(tag) {
-                        // Xen shares 9p over its own transport (driver-xen's `p9 =`).
-                        let (transport, trans) = if crate::modules::on_xen() {
-                            ("9pnet_xen", "trans=xen,version=9p2000.L,msize=262144")
-                        } else {
-                            ("9pnet_virtio", "trans=virtio,version=9p2000.L,msize=262144")
-                        };
-                        for m in [transport, "9p"] {
-                            self.modules.ensure(m).map_err(err)?;
-                        }
-                        std::fs::create_dir_all(&share)
-                            .map_err(|e| err(format!("mkdir {}: {e}", share.display())))?;
-                        mount(
-                            Some(tag.as_str()),
-                            &share,
-                            Some("9p"),
-                            MsFlags::empty(),
-                            Some(trans),
-                        )
-                        .map_err(|e| err(format!("mount 9p share {tag:?}: {e}")))?;
-                        shares.insert(tag.clone());
-                    }
-                }
+                let share = self.ensure_share(tag)?;
                 mount(
                     Some(&share),
                     target,

@@ -87,6 +87,8 @@ fn spec(args: &[&str], terminal: bool) -> serde_json::Value {
              "options": ["nosuid", "noexec", "nodev", "ro"]}
         ],
         "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "mount"}, {"type": "network"}],
             "maskedPaths": ["/proc/kcore", "/proc/keys"],
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
         }

@@ -465,6 +465,9 @@ impl Store {
 
     pub fn remove(&self, id: &str) -> anyhow::Result<()> {
         let dir = self.dir(id);
+        // remove_dir_all crosses mount points: a volume still bound here (a monitor killed
+        // before its cleanup) would lose its data.
+        crate::monitor::volumes::unmount_all_under(&dir);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -8,6 +8,7 @@ mod logs;
 mod rootfs_image;
 mod server;
 pub mod stdio;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -143,6 +144,8 @@ struct Cleanup {
     vm: Option<Arc<VmClient>>,
     network_links: Vec<(String, String)>,
     storage: Option<(String, StorageRequest)>,
+    /// The state dir whose volume binds are unmounted once the VM is gone.
+    volumes: Option<PathBuf>,
 }
 
 impl Cleanup {
@@ -152,6 +155,9 @@ impl Cleanup {
             let _ = vm.wait();
         }
         crate::network::teardown(&std::mem::take(&mut self.network_links));
+        if let Some(dir) = self.volumes.take() {
+            volumes::unmount_all_under(&dir.join("mounts"));
+        }
         if let Some((name, request)) = self.storage.take() {
             if let Some(s) = registry.storage(&name) {
                 if let Err(e) = s.client.cleanup(&request) {
@@ -194,7 +200,7 @@ fn setup(
 ) -> anyhow::Result<Monitor> {
     tracing::debug!(phase = "monitor-up", "monitor started for {}", config.id);
     let store = Store::new(Some(&config.root));
-    let bundle = Bundle::load(&config.bundle)?;
+    let mut bundle = Bundle::load(&config.bundle)?;
     // Before any thread starts: engines look at /proc/<our pid>/ns/net.
     let netns = crate::network::Netns::from_spec(&bundle.spec);
     crate::network::enter(&netns)?;
@@ -300,6 +306,12 @@ fn setup(
             }
         }
     };
+
+    cleanup.volumes = Some(dir.to_path_buf());
+    let can_share = driver_caps.contains(runv_api::Capabilities::SHARED_DIR_ROOTFS);
+    if let Some(share) = volumes::prepare(&mut bundle.spec, dir, can_share)? {
+        vm_config.shared_dirs.push(share);
+    }
 
     // Runtime-namespace hooks run before the VM boots, with our pid in the state: docker
     // configures the network namespace in a prestart hook, and the VM's NICs come from it.

@@ -1,0 +1,193 @@
+//! Host paths that the spec bind-mounts into the container (an engine's volumes, a CRI
+//! termination log): the guest cannot see the host, so each source is bind-mounted on the host
+//! under `<state dir>/mounts/<n>`, that directory is shared with the VM as one more share, and
+//! the spec the agent gets names the guest's path of it instead.
+//!
+//! The files an engine writes for the container (`/etc/hosts`, `/etc/resolv.conf`,
+//! `/etc/hostname`) travel as content instead (see `network::dns_files`), and `/dev/shm` stays
+//! a memory filesystem in the guest: shared memory does not work across a VM boundary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use runv_api::SharedDir;
+use serde_json::Value;
+
+/// The share's tag, and where the agent mounts shares in the guest (runv-agent's SHARES).
+pub const TAG: &str = "runv-mounts";
+const GUEST_SHARES: &str = "/run/runv/shares";
+const DIR: &str = "mounts";
+
+const PROVIDED_IN_THE_GUEST: [&str; 4] = [
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/hostname",
+    "/dev/shm",
+];
+
+fn is_bind(m: &Value) -> bool {
+    m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn has_option(m: &Value, name: &str) -> bool {
+    m["options"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|x| x == name))
+}
+
+/// Binds each host source under `state_dir/mounts`, rewrites the spec's sources to the guest's
+/// view, and returns the share to give the VM (None when there is nothing to share). A driver
+/// that cannot share directories gets the spec unchanged: the agent skips those mounts with a
+/// warning.
+pub fn prepare(
+    spec: &mut Value,
+    state_dir: &Path,
+    can_share: bool,
+) -> anyhow::Result<Option<SharedDir>> {
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return Ok(None);
+    };
+    let dir = state_dir.join(DIR);
+    let mut any = false;
+    for (n, m) in mounts.iter_mut().enumerate() {
+        let dest = m["destination"].as_str().unwrap_or_default();
+        if !is_bind(m) || PROVIDED_IN_THE_GUEST.contains(&dest.trim_end_matches('/')) {
+            continue;
+        }
+        let Some(source) = m["source"].as_str().map(PathBuf::from) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::metadata(&source) else {
+            // As runc: a missing source fails the mount; the agent reports it by name.
+            continue;
+        };
+        if !can_share {
+            tracing::warn!(
+                "the driver cannot share directories: bind mount of {} on {dest} is skipped",
+                source.display()
+            );
+            continue;
+        }
+        if !any {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            any = true;
+        }
+        let target = dir.join(n.to_string());
+        if meta.is_dir() {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        }
+        .with_context(|| format!("creating {}", target.display()))?;
+        let rec = if has_option(m, "rbind") {
+            MsFlags::MS_REC
+        } else {
+            MsFlags::empty()
+        };
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | rec,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting volume {} for the VM", source.display()))?;
+        // Nothing mounted here may reach the host's other mount namespaces.
+        let _ = mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_PRIVATE | rec,
+            None::<&str>,
+        );
+        if has_option(m, "ro") {
+            // Read-only on the host side too: the guest is not trusted to honour it.
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .with_context(|| format!("making volume {} read-only", source.display()))?;
+        }
+        m["source"] = format!("{GUEST_SHARES}/{TAG}/{n}").into();
+    }
+    Ok(any.then(|| SharedDir {
+        tag: TAG.into(),
+        host_path: dir,
+        readonly: false,
+    }))
+}
+
+/// Unmounts everything mounted under `dir` (deepest first), so that removing `dir` can never
+/// reach into a volume's data.
+pub fn unmount_all_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter(|p| p.starts_with(&dir) && *p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting {}: {e}", p.display());
+        }
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let os: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(out);
+    PathBuf::from(os)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_unescape() {
+        assert_eq!(unescape(r"/a\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn engine_files_and_shm_stay_out_of_the_share() {
+        let tmp = std::env::temp_dir().join(format!("runv-volumes-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts"},
+            {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm"},
+            {"destination": "/proc", "type": "proc", "source": "proc"}
+        ]});
+        let before = spec.clone();
+        assert!(prepare(&mut spec, &tmp, true).unwrap().is_none());
+        assert_eq!(spec, before);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
