@@ -32,6 +32,8 @@ struct Options {
     propagation: Vec<MsFlags>,
     data: Vec<String>,
     bind: bool,
+    /// runc's extension: the tmpfs starts with a copy of what the directory held.
+    tmpcopyup: bool,
 }
 
 fn parse_options(options: &[String]) -> Options {
@@ -40,6 +42,7 @@ fn parse_options(options: &[String]) -> Options {
         propagation: Vec::new(),
         data: Vec::new(),
         bind: false,
+        tmpcopyup: false,
     };
     for opt in options {
         let mut set = |f: MsFlags| o.flags |= f;
@@ -59,6 +62,18 @@ fn parse_options(options: &[String]) -> Options {
             "suid" | "dev" | "exec" | "async" | "atime" | "diratime" | "norelatime" | "nomand"
             | "nostrictatime" => {}
             "bind" => o.bind = true,
+            "tmpcopyup" => o.tmpcopyup = true,
+            // runc's recursive forms (mount_setattr there); applied to the mount itself here.
+            "rro" => set(MsFlags::MS_RDONLY),
+            "rnosuid" => set(MsFlags::MS_NOSUID),
+            "rnodev" => set(MsFlags::MS_NODEV),
+            "rnoexec" => set(MsFlags::MS_NOEXEC),
+            "rnoatime" => set(MsFlags::MS_NOATIME),
+            "rrelatime" => set(MsFlags::MS_RELATIME),
+            "rstrictatime" => set(MsFlags::MS_STRICTATIME),
+            "rnodiratime" => set(MsFlags::MS_NODIRATIME),
+            "rrw" | "rsuid" | "rdev" | "rexec" | "ratime" | "rdiratime" | "rnorelatime"
+            | "rnostrictatime" => {}
             "rbind" => {
                 o.bind = true;
                 o.flags |= MsFlags::MS_REC;
@@ -212,6 +227,12 @@ fn mount_one(rootfs: &Path, mnt: &Mount, in_userns: bool) -> Result<(), Fail> {
         k => (k, o.data.join(",")),
     };
     let src = mnt.source.clone().unwrap_or_else(|| fstype.to_string());
+    // The directory's old contents stay reachable through this fd once the tmpfs covers it.
+    let below = if o.tmpcopyup && fstype == "tmpfs" {
+        std::fs::File::open(&dst).ok()
+    } else {
+        None
+    };
     let r = do_mount(
         Some(Path::new(&src)),
         &dst,
@@ -244,7 +265,45 @@ fn mount_one(rootfs: &Path, mnt: &Mount, in_userns: bool) -> Result<(), Fail> {
         }
         Err(e) => return Err(e),
     }
+    if let Some(below) = below {
+        use std::os::fd::AsRawFd;
+        let from = PathBuf::from(format!("/proc/self/fd/{}", below.as_raw_fd()));
+        copy_tree(&from, &dst)
+            .map_err(|e| fail(format!("tmpcopyup into {}: {e}", mnt.destination)))?;
+    }
     set_propagation(&dst, &o.propagation)
+}
+
+/// Copies a directory's contents (files, directories, links, with modes and owners).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let meta = std::fs::symlink_metadata(&src)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            std::fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else if kind.is_symlink() {
+            symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else {
+            continue;
+        }
+        let _ = nix::unistd::fchownat(
+            None,
+            &dst,
+            Some(Uid::from_raw(meta.uid())),
+            Some(Gid::from_raw(meta.gid())),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
+        if !kind.is_symlink() {
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        }
+    }
+    Ok(())
 }
 
 fn set_propagation(dst: &Path, changes: &[MsFlags]) -> Result<(), Fail> {
@@ -388,7 +447,7 @@ pub fn finish_root(cfg: &CreateConfig) -> Result<(), Fail> {
             None::<&str>,
             "/",
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | current_flags("/"),
             None::<&str>,
         )
         .map_err(|e| fail(format!("remount / read-only: {e}")))?;
@@ -421,10 +480,35 @@ fn mask_path(p: &str) -> Result<(), Fail> {
     r.map_err(|e| fail(format!("mask {p}: {e}")))
 }
 
+/// The flags a mount has now, which a bind remount must repeat: the kernel refuses to drop
+/// locked ones, and runc keeps them (nosuid, nodev, noexec, atime flags).
+fn current_flags(p: &str) -> MsFlags {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let Ok(st) = statvfs(p) else {
+        return MsFlags::empty();
+    };
+    let f = st.flags();
+    let mut out = MsFlags::empty();
+    for (fs, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(fs) {
+            out |= ms;
+        }
+    }
+    out
+}
+
 fn readonly_path(p: &str) -> Result<(), Fail> {
     if std::fs::metadata(p).is_err() {
         return Ok(());
     }
+    let keep = current_flags(p);
     mount(
         Some(p),
         p,
@@ -437,7 +521,7 @@ fn readonly_path(p: &str) -> Result<(), Fail> {
             None::<&str>,
             p,
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | keep,
             None::<&str>,
         )
     })

@@ -246,6 +246,7 @@ impl Agent {
             self.mount_rootfs(&rootfs, &root)?;
             self.ensure_mount_sources(&spec.mounts)?;
             let mut files = Vec::new();
+            let mut mounts = spec.mounts.clone();
             for (name, content, dst) in [
                 ("hosts", &hosts, "/etc/hosts"),
                 ("resolv.conf", &resolv_conf, "/etc/resolv.conf"),
@@ -265,7 +266,13 @@ impl Agent {
                     let p = dir.join(name);
                     std::fs::write(&p, c)
                         .map_err(|e| err(format!("write {}: {e}", p.display())))?;
-                    files.push((p.to_string_lossy().into_owned(), dst.to_string()));
+                    let file = p.to_string_lossy().into_owned();
+                    // The engine's mount of that file, with its options (ro, nosuid, ...),
+                    // now from our copy; without one, a plain bind.
+                    match mounts.iter_mut().find(|m| m.destination == dst) {
+                        Some(m) => m.source = Some(file),
+                        None => files.push((file, dst.to_string())),
+                    }
                 }
             }
             let linux = spec.linux.clone().unwrap_or_default();
@@ -275,7 +282,7 @@ impl Agent {
                 readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
                 hostname: hostname.clone().or(spec.hostname.clone()),
                 domainname: spec.domainname.clone(),
-                mounts: spec.mounts.clone(),
+                mounts,
                 masked_paths: linux.masked_paths.clone(),
                 readonly_paths: linux.readonly_paths.clone(),
                 files,

@@ -2,6 +2,7 @@
 //! inside the sandbox's network and mount namespaces (netavark's bridge and rules live there).
 
 mod engines;
+mod spec_check;
 
 use std::process::Command;
 
@@ -25,6 +26,12 @@ impl Podman {
     }
 
     fn podman(&self, args: &[&str]) -> Command {
+        self.podman_with(RUNV, args)
+    }
+
+    /// podman with `runtime` (runv, or runc as the reference), each with its own state root.
+    fn podman_with(&self, runtime: &str, args: &[&str]) -> Command {
+        let name = if runtime == RUNV { "runv" } else { runtime };
         let mut c = self.sb.cmd("podman");
         c.arg("--root")
             .arg(self.sb.path("storage"))
@@ -36,9 +43,12 @@ impl Podman {
             .arg("--network-config-dir")
             .arg(self.sb.path("networks"))
             .arg("--runtime")
-            .arg(RUNV)
+            .arg(runtime)
             .arg("--runtime-flag")
-            .arg(format!("root={}", self.sb.path("runv-state").display()))
+            .arg(format!(
+                "root={}",
+                self.sb.path(&format!("{name}-state")).display()
+            ))
             .args(args);
         c
     }
@@ -103,4 +113,156 @@ fn podman_run_exit_code_exec_stop_rm_network() {
     assert!(p.ok(&["logs", "c1"], 30).stdout.contains("got TERM"));
     p.ok(&["rm", "c1"], 60);
     assert_eq!(p.ok(&["ps", "-aq"], 30).stdout.trim(), "");
+}
+
+/// The flags people use to lock a container down and limit it, under runc and under runv: the
+/// container sees the same (capabilities, read-only root, limits, seccomp, sysctl, device), and
+/// on the host the VM's monitor and qemu sit in the container's cgroup with its CPU quota and a
+/// memory limit of the guest's RAM plus the VMM's overhead.
+#[test]
+fn podman_security_and_resource_flags_apply_as_under_runc() {
+    let Some(p) = Podman::start() else { return };
+    if !have(&["runc"]) {
+        panic!("runc is needed as the reference (scripts/setup.sh installs it)");
+    }
+    let flags = [
+        "--network",
+        "none",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_BIND_SERVICE",
+        "--read-only",
+        "--ulimit",
+        "nofile=1024:2048",
+        // podman raises RLIMIT_NPROC to the kernel's maximum by default, which this host's
+        // runc may not (no CAP_SYS_RESOURCE here): ask for a lower one.
+        "--ulimit",
+        "nproc=4096:4096",
+        "--security-opt",
+        "seccomp=/usr/share/containers/seccomp.json",
+        "--sysctl",
+        "net.ipv4.ip_unprivileged_port_start=80",
+        "--device",
+        "/dev/null:/dev/mydev",
+        "--cpus",
+        "0.5",
+        "--memory",
+        "256m",
+        "-e",
+        "CHECK_SYSCTLS=net.ipv4.ip_unprivileged_port_start",
+    ];
+    let run = |runtime: &str| {
+        let mut args = vec!["run", "--rm"];
+        args.extend(flags);
+        args.extend([IMAGE, "sh", "-c", spec_check::CHECKER]);
+        let out = p.sb.run(&mut p.podman_with(runtime, &args), 180, None);
+        assert!(out.status.success(), "podman --runtime {runtime}: {out}");
+        // The hostname is the container's id; the engine's /etc files are the guest's copies.
+        spec_check::normalize(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("hostname: "))
+            .map(|l| match l.split_once(" | ") {
+                Some((m, _)) if m.starts_with("/etc/host") || m.starts_with("/etc/resolv") => {
+                    format!("{m} | (engine file)")
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let reference = run("runc");
+    let got = run(RUNV);
+    assert_eq!(
+        got, reference,
+        "what the container sees under runv (left) and runc (right)"
+    );
+    for want in [
+        "CapEff:\t0000000000000400",
+        "Seccomp:\t2",
+        "Max open files            1024                 2048",
+    ] {
+        assert!(got.contains(want), "{want:?} in {got}");
+    }
+
+    // The host side: the monitor and its qemu in the container's cgroup, with its limits.
+    let mut args = vec!["run", "-d", "--name", "limited"];
+    args.extend(flags);
+    args.extend([IMAGE, "sleep", "600"]);
+    p.ok(&args, 180);
+    let id = p
+        .ok(&["inspect", "-f", "{{.Id}}", "limited"], 30)
+        .stdout
+        .trim()
+        .to_string();
+    let state =
+        p.sb.ok(
+            p.sb.cmd(RUNV)
+                .arg("--root")
+                .arg(p.sb.path("runv-state"))
+                .args(["state", &id]),
+            30,
+        )
+        .stdout;
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let monitor = state["pid"].as_i64().unwrap();
+    let cgroup = |pid: i64, controller: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+                (names.split(',').any(|n| n == controller) || names.is_empty())
+                    .then(|| path.to_string())
+            })
+            .unwrap()
+    };
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let dir = |controller: &str| {
+        let path = cgroup(monitor, controller);
+        if v2 {
+            format!("/sys/fs/cgroup{path}")
+        } else {
+            format!("/sys/fs/cgroup/{controller}{path}")
+        }
+    };
+    assert_ne!(
+        cgroup(monitor, "cpu"),
+        "/",
+        "the monitor left the root cgroup"
+    );
+    let qemu: Vec<i64> = std::fs::read_to_string(format!("{}/cgroup.procs", dir("cpu")))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+        })
+        .collect();
+    assert_eq!(
+        qemu.len(),
+        1,
+        "qemu runs in the container's cgroup with its monitor"
+    );
+    let read = |controller: &str, file: &str| {
+        std::fs::read_to_string(format!("{}/{file}", dir(controller)))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    if v2 {
+        assert_eq!(read("cpu", "cpu.max"), "50000 100000");
+    } else {
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
+    }
+    // 256 MiB for the container + 64 MiB for the guest kernel, + 128 MiB for qemu itself.
+    let limit = if v2 {
+        read("memory", "memory.max")
+    } else {
+        read("memory", "memory.limit_in_bytes")
+    };
+    assert_eq!(limit, ((256 + 64 + 128) * 1024 * 1024u64).to_string());
+    p.ok(&["rm", "-f", "-t", "0", "limited"], 60);
 }

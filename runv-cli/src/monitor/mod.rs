@@ -283,12 +283,14 @@ fn setup(
         parameters: config.parameters.clone(),
         ..VmConfig::default()
     };
+    // As runc: the root stays writable while the container's mount points are made in it, and
+    // `root.readonly` is applied at the end of the setup (by the agent, from the spec).
     let rootfs = match &prepared.source {
         RootfsSource::SharedDir { path } => {
             vm_config.shared_dirs.push(SharedDir {
                 tag: ROOTFS_TAG.into(),
                 host_path: path.clone(),
-                readonly: prepared.readonly,
+                readonly: false,
             });
             runv_proto::RootfsSource::Share {
                 tag: ROOTFS_TAG.into(),
@@ -298,7 +300,7 @@ fn setup(
             vm_config.block_devices.push(runv_api::BlockDevice {
                 id: ROOTFS_TAG.into(),
                 host_path: path.clone(),
-                readonly: prepared.readonly,
+                readonly: false,
             });
             runv_proto::RootfsSource::Block {
                 serial: ROOTFS_TAG.into(),
@@ -406,7 +408,7 @@ fn setup(
             spec: bundle.spec.clone(),
             rootfs: Rootfs {
                 source: rootfs,
-                readonly: prepared.readonly,
+                readonly: false,
             },
             stdio: ids,
             hostname: bundle.hostname(),

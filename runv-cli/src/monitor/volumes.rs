@@ -4,8 +4,8 @@
 //! the spec the agent gets names the guest's path of it instead.
 //!
 //! The files an engine writes for the container (`/etc/hosts`, `/etc/resolv.conf`,
-//! `/etc/hostname`) travel as content instead (see `network::dns_files`), and `/dev/shm` stays
-//! a memory filesystem in the guest: shared memory does not work across a VM boundary.
+//! `/etc/hostname`) travel as content instead (see `network::dns_files`), and `/dev/shm` becomes
+//! a memory filesystem of the same size in the guest: shared memory does not cross a VM boundary.
 
 use std::path::{Path, PathBuf};
 
@@ -19,12 +19,32 @@ pub const TAG: &str = "runv-mounts";
 const GUEST_SHARES: &str = "/run/runv/shares";
 const DIR: &str = "mounts";
 
-const PROVIDED_IN_THE_GUEST: [&str; 4] = [
-    "/etc/hosts",
-    "/etc/resolv.conf",
-    "/etc/hostname",
-    "/dev/shm",
-];
+const PROVIDED_IN_THE_GUEST: [&str; 3] = ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
+
+/// An engine's `/dev/shm` bind (a tmpfs it sized, `--shm-size`) becomes a tmpfs of that size
+/// in the guest, with the mount's own flags.
+fn shm_as_tmpfs(m: &mut Value, source: &Path) {
+    let size = nix::sys::statvfs::statvfs(source)
+        .map(|st| st.blocks() * st.fragment_size())
+        .unwrap_or(64 << 20);
+    let mut options: Vec<Value> = m["options"]
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter(|x| !matches!(x.as_str(), Some("bind" | "rbind")))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    options.push("mode=1777".into());
+    options.push(format!("size={}k", size / 1024).into());
+    *m = serde_json::json!({
+        "destination": m["destination"],
+        "type": "tmpfs",
+        "source": "shm",
+        "options": options,
+    });
+}
 
 fn is_bind(m: &Value) -> bool {
     m["type"] == "bind"
@@ -54,8 +74,15 @@ pub fn prepare(
     let dir = state_dir.join(DIR);
     let mut any = false;
     for (n, m) in mounts.iter_mut().enumerate() {
-        let dest = m["destination"].as_str().unwrap_or_default();
-        if !is_bind(m) || PROVIDED_IN_THE_GUEST.contains(&dest.trim_end_matches('/')) {
+        let dest = m["destination"].as_str().unwrap_or_default().to_string();
+        let dest = dest.trim_end_matches('/');
+        if !is_bind(m) || PROVIDED_IN_THE_GUEST.contains(&dest) {
+            continue;
+        }
+        if dest == "/dev/shm" {
+            if let Some(source) = m["source"].as_str().map(PathBuf::from) {
+                shm_as_tmpfs(m, &source);
+            }
             continue;
         }
         let Some(source) = m["source"].as_str().map(PathBuf::from) else {
@@ -182,12 +209,19 @@ mod tests {
         std::fs::create_dir_all(&tmp).unwrap();
         let mut spec = serde_json::json!({"mounts": [
             {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts"},
-            {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm"},
             {"destination": "/proc", "type": "proc", "source": "proc"}
         ]});
         let before = spec.clone();
         assert!(prepare(&mut spec, &tmp, true).unwrap().is_none());
         assert_eq!(spec, before);
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm",
+             "options": ["rbind", "nosuid", "noexec"]}
+        ]});
+        assert!(prepare(&mut spec, &tmp, true).unwrap().is_none());
+        assert_eq!(spec["mounts"][0]["type"], "tmpfs");
+        let opts = spec["mounts"][0]["options"].as_array().unwrap();
+        assert!(opts.iter().any(|o| o == "nosuid") && !opts.iter().any(|o| o == "rbind"));
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
