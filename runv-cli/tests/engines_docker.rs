@@ -2,6 +2,7 @@
 //! mount namespaces) with runv added as a runtime through daemon.json, as the README shows.
 
 mod engines;
+mod spec_check;
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -327,4 +328,78 @@ fn docker_network_bridge_address_server_gateway_dns() {
     assert!(!out.stdout.contains("eth0"), "{out}");
 
     d.ok(&["rm", "-f", "web"], 60);
+}
+
+/// docker's lock-down and limit flags (and its built-in default seccomp profile) under runc
+/// and under runv: the container sees the same, and the VM's host side sits in the
+/// container's cgroup with the CPU quota and memory limit docker set.
+#[test]
+fn docker_security_and_resource_flags_apply_as_under_runc() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk-flags") else {
+        return;
+    };
+    let flags = [
+        "--network",
+        "none",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_BIND_SERVICE",
+        "--read-only",
+        "--ulimit",
+        "nofile=1024:2048",
+        "--sysctl",
+        "net.ipv4.ip_unprivileged_port_start=80",
+        "--device",
+        "/dev/null:/dev/mydev",
+        "--cpus",
+        "0.5",
+        "--memory",
+        "256m",
+        "-e",
+        "CHECK_SYSCTLS=net.ipv4.ip_unprivileged_port_start",
+    ];
+    let run = |runtime: &str| {
+        let mut args = vec!["run", "--rm", "--runtime", runtime];
+        args.extend(flags);
+        args.extend([IMAGE, "sh", "-c", spec_check::CHECKER]);
+        let out = d.ok(&args, 180);
+        // The hostname is the container's id; the engine's /etc files are the guest's copies.
+        spec_check::normalize(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("hostname: "))
+            .map(|l| match l.split_once(" | ") {
+                Some((m, _)) if m.starts_with("/etc/host") || m.starts_with("/etc/resolv") => {
+                    format!("{m} | (engine file)")
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let reference = run("runc");
+    let got = run("runv");
+    assert_eq!(
+        got, reference,
+        "what the container sees under runv (left) and runc (right)"
+    );
+    assert!(
+        got.contains("Seccomp:\t2"),
+        "docker's default profile: {got}"
+    );
+
+    let mut args = vec!["run", "-d", "--runtime", "runv", "--name", "limited"];
+    args.extend(flags);
+    args.extend([IMAGE, "sleep", "600"]);
+    d.ok(&args, 180);
+    let id = d
+        .ok(&["inspect", "-f", "{{.Id}}", "limited"], 30)
+        .stdout
+        .trim()
+        .to_string();
+    // Wherever docker keeps runv's state: the monitor names its state dir.
+    let monitor = engines::monitor_of(&id).expect("the container's runv monitor");
+    engines::assert_vm_in_cgroup(monitor, 50000, 256 + 64 + 128);
+    d.ok(&["rm", "-f", "limited"], 60);
 }

@@ -205,64 +205,6 @@ fn podman_security_and_resource_flags_apply_as_under_runc() {
         )
         .stdout;
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
-    let monitor = state["pid"].as_i64().unwrap();
-    let cgroup = |pid: i64, controller: &str| -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let mut f = l.splitn(3, ':');
-                let (_, names, path) = (f.next()?, f.next()?, f.next()?);
-                (names.split(',').any(|n| n == controller) || names.is_empty())
-                    .then(|| path.to_string())
-            })
-            .unwrap()
-    };
-    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let dir = |controller: &str| {
-        let path = cgroup(monitor, controller);
-        if v2 {
-            format!("/sys/fs/cgroup{path}")
-        } else {
-            format!("/sys/fs/cgroup/{controller}{path}")
-        }
-    };
-    assert_ne!(
-        cgroup(monitor, "cpu"),
-        "/",
-        "the monitor left the root cgroup"
-    );
-    let qemu: Vec<i64> = std::fs::read_to_string(format!("{}/cgroup.procs", dir("cpu")))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
-        })
-        .collect();
-    assert_eq!(
-        qemu.len(),
-        1,
-        "qemu runs in the container's cgroup with its monitor"
-    );
-    let read = |controller: &str, file: &str| {
-        std::fs::read_to_string(format!("{}/{file}", dir(controller)))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    if v2 {
-        assert_eq!(read("cpu", "cpu.max"), "50000 100000");
-    } else {
-        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
-    }
-    // 256 MiB for the container + 64 MiB for the guest kernel, + 128 MiB for qemu itself.
-    let limit = if v2 {
-        read("memory", "memory.max")
-    } else {
-        read("memory", "memory.limit_in_bytes")
-    };
-    assert_eq!(limit, ((256 + 64 + 128) * 1024 * 1024u64).to_string());
+    engines::assert_vm_in_cgroup(state["pid"].as_i64().unwrap(), 50000, 256 + 64 + 128);
     p.ok(&["rm", "-f", "-t", "0", "limited"], 60);
 }

@@ -390,3 +390,86 @@ pub fn make_busybox_rootfs(rootfs: &Path) {
 /// exits 3 (so a test sees that the signal reached the process in the guest).
 pub const TRAP_TERM: &str =
     "trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.2; done";
+
+/// The VM of a container runs where the engine put the container: its monitor (`monitor`)
+/// and the monitor's qemu in the same host cgroup, with the CPU quota (per 100 ms) and the
+/// memory limit (MiB: the guest's RAM plus the VMM's own overhead) the engine asked for.
+pub fn assert_vm_in_cgroup(monitor: i64, quota: u64, memory_mib: u64) {
+    let cgroup = |pid: i64, controller: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+                (names.split(',').any(|n| n == controller) || names.is_empty())
+                    .then(|| path.to_string())
+            })
+            .unwrap()
+    };
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let dir = |controller: &str| {
+        let path = cgroup(monitor, controller);
+        if v2 {
+            format!("/sys/fs/cgroup{path}")
+        } else {
+            format!("/sys/fs/cgroup/{controller}{path}")
+        }
+    };
+    assert_ne!(
+        cgroup(monitor, "cpu"),
+        "/",
+        "the monitor left the root cgroup"
+    );
+    let qemu: Vec<i64> = std::fs::read_to_string(format!("{}/cgroup.procs", dir("cpu")))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+        })
+        .collect();
+    assert_eq!(
+        qemu.len(),
+        1,
+        "qemu runs in the container's cgroup with its monitor"
+    );
+    let read = |controller: &str, file: &str| {
+        std::fs::read_to_string(format!("{}/{file}", dir(controller)))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    if v2 {
+        assert_eq!(read("cpu", "cpu.max"), format!("{quota} 100000"));
+    } else {
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), quota.to_string());
+    }
+    let limit = if v2 {
+        read("memory", "memory.max")
+    } else {
+        read("memory", "memory.limit_in_bytes")
+    };
+    assert_eq!(limit, (memory_mib * 1024 * 1024).to_string());
+}
+
+/// The pid of the runv monitor of container `id` (`runv __monitor <root>/<id>`).
+pub fn monitor_of(id: &str) -> Option<i64> {
+    fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i64>().ok())
+        .find(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.iter().any(|a| a == "__monitor")
+                    && args
+                        .iter()
+                        .any(|a| Path::new(a).file_name() == Some(std::ffi::OsStr::new(id)))
+            })
+        })
+}

@@ -67,7 +67,15 @@ pub fn normalize(out: &str) -> String {
         if l.ends_with(" /dev/mqueue") {
             l = l.replace(" 0 65534 ", " 0 0 ");
         }
-        if let Some((mnt, fs)) = l.split_once(" | ") {
+        if let Some((mnt, fs)) = l.clone().split_once(" | ") {
+            // An engine's rootfs is a mount on the host, a slave of the host's peer group
+            // under runc; in the VM it is the agent's mount and has no host peers.
+            let mnt = if mnt.starts_with("/ ") {
+                mnt.replace(" master:N", "")
+            } else {
+                mnt.to_string()
+            };
+            let mnt = mnt.as_str();
             // sysfs's superblock is the VM's (its network namespace is the container's); a
             // devtmpfs is sized by the kernel to the machine's RAM.
             if Some(fs) == root_fs.as_deref() || mnt.starts_with("/sys ") {
