@@ -157,6 +157,29 @@ fn variants() -> Vec<Variant> {
                 fs::create_dir_all(rootfs.join("mnt")).unwrap();
             },
         },
+        Variant {
+            name: "bind-mounts",
+            edit: |s| {
+                // Host directories in the bundle (volumes), bound shared, slave and read-only;
+                // `prepare` makes them, `prepare_bundle` puts in the bundle's path.
+                let vol = |n: &str| format!("@BUNDLE@/vol-{n}");
+                let mounts = s["mounts"].as_array_mut().unwrap();
+                mounts.push(json!({"destination": "/mnt/shared", "type": "bind",
+                    "source": vol("shared"), "options": ["rbind", "rshared"]}));
+                mounts.push(json!({"destination": "/mnt/slave", "type": "bind",
+                    "source": vol("slave"), "options": ["rbind", "rslave", "nosuid"]}));
+                mounts.push(json!({"destination": "/mnt/ro", "type": "bind",
+                    "source": vol("ro"), "options": ["bind", "ro", "nodev"]}));
+            },
+            env: &["CHECK_PATHS=/mnt/shared/f /mnt/slave/f /mnt/ro/f"],
+            prepare: |rootfs| {
+                for n in ["shared", "slave", "ro"] {
+                    let d = rootfs.parent().unwrap().join(format!("vol-{n}"));
+                    fs::create_dir_all(&d).unwrap();
+                    fs::write(d.join("f"), format!("volume {n}")).unwrap();
+                }
+            },
+        },
     ]
 }
 
@@ -245,7 +268,15 @@ fn prepare_bundle(env: &Env, v: &Variant) -> std::path::PathBuf {
         e.extend(v.env.iter().map(|x| json!(x)));
     });
     (v.prepare)(&rootfs);
+    rebase(&bundle, "@BUNDLE@");
     bundle
+}
+
+/// Puts the bundle's path where the spec names `old` (a placeholder, or where it was).
+fn rebase(bundle: &Path, old: &str) {
+    let config = bundle.join("config.json");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(&config, text.replace(old, bundle.to_str().unwrap())).unwrap();
 }
 
 fn run_runc(env: &Env, bundle: &Path, id: &str) -> String {
@@ -295,6 +326,9 @@ fn runc_and_runv_give_a_container_the_same_spec() {
         let runv_env_bundle = {
             let b = env.dir.join(format!("{}-runv", v.name));
             fs::rename(&runc_bundle, &b).unwrap();
+            rebase(&b, runc_bundle.to_str().unwrap());
+            // Again, for files the runc run changed (the checker writes to what it may).
+            (v.prepare)(&b.join("rootfs"));
             b
         };
         let _ = fs::remove_file(runv_env_bundle.join("rootfs/written"));
