@@ -158,18 +158,7 @@ fn podman_security_and_resource_flags_apply_as_under_runc() {
         args.extend([IMAGE, "sh", "-c", spec_check::CHECKER]);
         let out = p.sb.run(&mut p.podman_with(runtime, &args), 180, None);
         assert!(out.status.success(), "podman --runtime {runtime}: {out}");
-        // The hostname is the container's id; the engine's /etc files are the guest's copies.
-        spec_check::normalize(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with("hostname: "))
-            .map(|l| match l.split_once(" | ") {
-                Some((m, _)) if m.starts_with("/etc/host") || m.starts_with("/etc/resolv") => {
-                    format!("{m} | (engine file)")
-                }
-                _ => l.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        spec_check::normalize_engine(&out.stdout)
     };
     let reference = run("runc");
     let got = run(RUNV);

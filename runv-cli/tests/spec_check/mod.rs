@@ -88,3 +88,19 @@ pub fn normalize(out: &str) -> String {
     }
     lines.join("\n")
 }
+
+/// [`normalize`] for a container an engine made: its hostname is its id, and the engine's
+/// `/etc` files are the guest's copies of them.
+pub fn normalize_engine(out: &str) -> String {
+    normalize(out)
+        .lines()
+        .filter(|l| !l.starts_with("hostname: "))
+        .map(|l| match l.split_once(" | ") {
+            Some((m, _)) if m.starts_with("/etc/host") || m.starts_with("/etc/resolv") => {
+                format!("{m} | (engine file)")
+            }
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
