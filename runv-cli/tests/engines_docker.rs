@@ -339,27 +339,7 @@ fn docker_security_and_resource_flags_apply_as_under_runc() {
     let Some(d) = Docker::start("dk-flags") else {
         return;
     };
-    let flags = [
-        "--network",
-        "none",
-        "--cap-drop",
-        "ALL",
-        "--cap-add",
-        "NET_BIND_SERVICE",
-        "--read-only",
-        "--ulimit",
-        "nofile=1024:2048",
-        "--sysctl",
-        "net.ipv4.ip_unprivileged_port_start=80",
-        "--device",
-        "/dev/null:/dev/mydev",
-        "--cpus",
-        "0.5",
-        "--memory",
-        "256m",
-        "-e",
-        "CHECK_SYSCTLS=net.ipv4.ip_unprivileged_port_start",
-    ];
+    let flags = engines::LOCKDOWN_FLAGS;
     let run = |runtime: &str| {
         let mut args = vec!["run", "--rm", "--runtime", runtime];
         args.extend(flags);

@@ -125,36 +125,19 @@ fn podman_security_and_resource_flags_apply_as_under_runc() {
     if !have(&["runc"]) {
         panic!("runc is needed as the reference (scripts/setup.sh installs it)");
     }
-    let flags = [
-        "--network",
-        "none",
-        "--cap-drop",
-        "ALL",
-        "--cap-add",
-        "NET_BIND_SERVICE",
-        "--read-only",
-        "--ulimit",
-        "nofile=1024:2048",
+    let mut flags = engines::LOCKDOWN_FLAGS.to_vec();
+    flags.extend([
         // podman raises RLIMIT_NPROC to the kernel's maximum by default, which this host's
         // runc may not (no CAP_SYS_RESOURCE here): ask for a lower one.
         "--ulimit",
         "nproc=4096:4096",
+        // podman's default profile, named as a file (docker's test uses its built-in one).
         "--security-opt",
         "seccomp=/usr/share/containers/seccomp.json",
-        "--sysctl",
-        "net.ipv4.ip_unprivileged_port_start=80",
-        "--device",
-        "/dev/null:/dev/mydev",
-        "--cpus",
-        "0.5",
-        "--memory",
-        "256m",
-        "-e",
-        "CHECK_SYSCTLS=net.ipv4.ip_unprivileged_port_start",
-    ];
+    ]);
     let run = |runtime: &str| {
         let mut args = vec!["run", "--rm"];
-        args.extend(flags);
+        args.extend(flags.iter().copied());
         args.extend([IMAGE, "sh", "-c", spec_check::CHECKER]);
         let out = p.sb.run(&mut p.podman_with(runtime, &args), 180, None);
         assert!(out.status.success(), "podman --runtime {runtime}: {out}");
@@ -176,7 +159,7 @@ fn podman_security_and_resource_flags_apply_as_under_runc() {
 
     // The host side: the monitor and its qemu in the container's cgroup, with its limits.
     let mut args = vec!["run", "-d", "--name", "limited"];
-    args.extend(flags);
+    args.extend(flags.iter().copied());
     args.extend([IMAGE, "sleep", "600"]);
     p.ok(&args, 180);
     let id = p

@@ -473,3 +473,27 @@ pub fn monitor_of(id: &str) -> Option<i64> {
             })
         })
 }
+
+/// The flags people lock a container down and limit it with, as docker and podman both take
+/// them; the engine tests run the spec checker under them with runc and with runv.
+pub const LOCKDOWN_FLAGS: [&str; 19] = [
+    "--network",
+    "none",
+    "--cap-drop",
+    "ALL",
+    "--cap-add",
+    "NET_BIND_SERVICE",
+    "--read-only",
+    "--ulimit",
+    "nofile=1024:2048",
+    "--sysctl",
+    "net.ipv4.ip_unprivileged_port_start=80",
+    "--device",
+    "/dev/null:/dev/mydev",
+    "--cpus",
+    "0.5",
+    "--memory",
+    "256m",
+    "-e",
+    "CHECK_SYSCTLS=net.ipv4.ip_unprivileged_port_start",
+];
