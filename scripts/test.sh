@@ -55,3 +55,5 @@ in_test_host() {
 in_test_host storage-devmapper devmapper
 in_test_host runv-cli devmapper_storage
 in_test_host driver-kvmtool plumbing
+# The test host is a cgroup v2 host (this machine is a v1/v2 hybrid): the VM's host cgroup there.
+in_test_host runv-cli host_cgroup

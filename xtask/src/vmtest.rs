@@ -371,6 +371,9 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
+# A cgroup v2 host, as current distributions are (this machine is a v1/v2 hybrid): the host
+# cgroup tests run here too.
+mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || fail "mounting cgroup2"
 hostname vmtest 2>/dev/null
 ip link set lo up 2>/dev/null
 for m in {modules}; do modprobe "$m" || fail "modprobe $m"; done
