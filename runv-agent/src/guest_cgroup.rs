@@ -46,8 +46,12 @@ pub fn init() -> Result<(), String> {
     Ok(())
 }
 
-/// Makes the container's group and writes its limits; returns its directory.
-pub fn create(id: &str, resources: Option<&Resources>) -> Result<PathBuf, String> {
+/// Makes the container's group and writes its limits; returns its directory, or None where the
+/// guest has no cgroup hierarchy for containers (`init` failed and said why at boot).
+pub fn create(id: &str, resources: Option<&Resources>) -> Result<Option<PathBuf>, String> {
+    if !Path::new(PARENT).is_dir() {
+        return Ok(None);
+    }
     let dir = Path::new(PARENT).join(id);
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
@@ -82,7 +86,7 @@ pub fn create(id: &str, resources: Option<&Resources>) -> Result<PathBuf, String
             write("cpu.weight", shares_to_weight(shares).to_string())?;
         }
     }
-    Ok(dir)
+    Ok(Some(dir))
 }
 
 /// cgroup v1 shares (2..262144) to v2 weight (1..10000), the conversion runc and crun use.

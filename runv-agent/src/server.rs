@@ -46,7 +46,7 @@ pub struct Container {
     execs: HashMap<String, Proc>,
     /// Container-wide settings every exec'd process gets too.
     seccomp: Option<Seccomp>,
-    cgroup: PathBuf,
+    cgroup: Option<PathBuf>,
 }
 
 pub struct Agent {
@@ -298,7 +298,7 @@ impl Agent {
                 process,
                 wait_start: true,
                 seccomp: linux.seccomp.clone(),
-                cgroup: Some(cgroup.to_string_lossy().into_owned()),
+                cgroup: cgroup.as_ref().map(|c| c.to_string_lossy().into_owned()),
             };
             security = Some((linux.seccomp, cgroup));
             self.spawn(cfg, stdio)
@@ -308,7 +308,7 @@ impl Agent {
             Err(e) => {
                 let _ = umount2(&root, MntFlags::MNT_DETACH);
                 let _ = std::fs::remove_dir_all(&dir);
-                if let Some((_, cg)) = &security {
+                if let Some((_, Some(cg))) = &security {
                     crate::guest_cgroup::remove(cg);
                 }
                 return Err(e);
@@ -469,14 +469,17 @@ impl Agent {
         let (seccomp, cgroup) = {
             let cs = lock(&self.containers);
             let c = cs.get(cid).ok_or_else(|| no_container(cid))?;
-            (c.seccomp.clone(), c.cgroup.to_string_lossy().into_owned())
+            (
+                c.seccomp.clone(),
+                c.cgroup.as_ref().map(|c| c.to_string_lossy().into_owned()),
+            )
         };
         let cfg = HelperConfig {
             mode: Mode::Exec { init_pid },
             process,
             wait_start: false,
             seccomp,
-            cgroup: Some(cgroup),
+            cgroup,
         };
         let mut spawned = self.spawn(cfg, stdio)?;
         let pid = spawned.proc_.pid;
@@ -548,7 +551,9 @@ impl Agent {
         let root = dir.join("rootfs");
         let _ = umount2(&root, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&dir);
-        crate::guest_cgroup::remove(&cgroup);
+        if let Some(cgroup) = &cgroup {
+            crate::guest_cgroup::remove(cgroup);
+        }
         Ok(ResponseBody::Ok)
     }
 
