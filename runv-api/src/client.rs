@@ -43,6 +43,23 @@ impl HypervisorClient {
             .map_err(String::from)?;
         Ok(VmClient { inner: vm })
     }
+
+    /// Starts a VM from a template. A plugin built before `restore_vm` existed answers with
+    /// the ABI's default ("not supported"); the core asks only drivers with `snapshot`.
+    pub fn restore_vm(
+        &self,
+        config: &VmConfig,
+        template_dir: &std::path::Path,
+    ) -> Result<VmClient, String> {
+        let json = serde_json::to_string(config).map_err(|e| format!("encoding VM config: {e}"))?;
+        let dir = template_dir.to_string_lossy();
+        let vm = self
+            .inner
+            .restore_vm(RStr::from_str(&json), RStr::from_str(&dir))
+            .into_result()
+            .map_err(String::from)?;
+        Ok(VmClient { inner: vm })
+    }
 }
 
 pub struct VmClient {

@@ -14,13 +14,19 @@
 //! * While the version is `0.y.z`, `y` is the major version: a plugin must be rebuilt against the
 //!   same `0.y` as the core. A plugin built against another `0.y` is rejected with
 //!   `IncompatibleVersionNumber`; one whose types differ is rejected with `AbiInstability`.
-//! * A patch release (`0.y.z+1`) only appends fields after the last prefix field of a prefix type
-//!   or appends methods to a trait object; plugins built against an older patch keep loading, and
-//!   the core treats the missing items as "not supported".
+//! * An addition that old plugins must survive appends a method *with a default body* after the
+//!   last prefix field of a trait object (e.g. `HypervisorDriverAbi::restore_vm`), or a field
+//!   after the last prefix field of a prefix type, and keeps the version number: abi_stable
+//!   accepts a plugin only when its `0.y.z` has the core's `y` and a `z` at least the core's, so
+//!   bumping `z` would turn every older plugin away. A plugin whose vtable lacks the method
+//!   gets the default body (an error saying "not supported"), and the core asks for it only
+//!   behind a capability bit. `runv-cli/tests/plugin_discovery.rs` loads and cold-starts a
+//!   plugin built against the interface before `restore_vm` (`tests/fixtures/prev-api`).
 //! * Configurations ([`VmConfig`], [`StorageRequest`], [`PreparedRootfs`]) cross the boundary as
 //!   versioned JSON: new fields always have defaults, so old plugins ignore them and new plugins
 //!   read old configs. Removing or retyping a field is a major change.
 //! * Capability bits are only ever added; an unknown bit is ignored by older cores.
+//! * Changing or removing anything before the last prefix field is a major change (`0.y+1`).
 
 mod abi;
 mod adapter;
@@ -40,7 +46,7 @@ pub use capabilities::Capabilities;
 pub use client::{HypervisorClient, StorageClient, VmClient};
 pub use config::{
     BlockDevice, NetInterface, PreparedRootfs, RootfsSource, SharedDir, StorageRequest,
-    VM_CONFIG_VERSION, VmConfig,
+    TEMPLATE_MEMORY_FILE, TEMPLATE_STATE_FILE, VM_CONFIG_VERSION, VmConfig,
 };
 pub use host::{
     AgentChannel, cpuinfo_has_virt_flag, find_in_path, find_program, parse_smaps_rollup,

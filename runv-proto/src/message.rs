@@ -85,6 +85,27 @@ pub enum Request {
         enabled: bool,
     },
     Shutdown,
+    /// The VM was just restored from a template, which its siblings share: before anything
+    /// else runs, credit `entropy` to the kernel's pool and reseed its CRNG, set the wall
+    /// clock, and give each NIC the clone's MAC instead of the template's.
+    Restored {
+        /// Fresh random bytes from the host (at most [`MAX_RESTORE_ENTROPY`]).
+        entropy: Vec<u8>,
+        /// The host's wall clock, nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+        #[serde(default)]
+        macs: Vec<MacChange>,
+    },
+}
+
+/// Most entropy bytes a `Restored` request may carry (the agent refuses more).
+pub const MAX_RESTORE_ENTROPY: usize = 512;
+
+/// A NIC of a restored VM: the MAC the template gave it and the one it gets now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacChange {
+    pub template: String,
+    pub clone: String,
 }
 
 /// Where a container's root filesystem comes from.
