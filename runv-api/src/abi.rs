@@ -81,23 +81,6 @@ pub trait HypervisorDriverAbi: Send + Sync {
     /// `config_json` is a [`crate::VmConfig`] in JSON.
     #[sabi(last_prefix_field)]
     fn start_vm(&self, config_json: RStr<'_>) -> RResult<VmHandleBox, RString>;
-
-    /// Starts a VM from a template made with [`VmConfig::memory_file`] and
-    /// [`VmHandleAbi::save`] in `template_dir` (files [`crate::TEMPLATE_MEMORY_FILE`] and
-    /// [`crate::TEMPLATE_STATE_FILE`]), with the host-side settings (sockets, shares, taps) of
-    /// `config_json`. Appended after the last prefix field with a default body: a plugin built
-    /// before it existed still loads, and calling it there runs this body instead.
-    ///
-    /// [`VmConfig::memory_file`]: crate::VmConfig::memory_file
-    fn restore_vm(
-        &self,
-        _config_json: RStr<'_>,
-        _template_dir: RStr<'_>,
-    ) -> RResult<VmHandleBox, RString> {
-        RResult::RErr(RString::from(
-            "restoring a VM from a template is not supported by this driver",
-        ))
-    }
 }
 
 /// A running VM, as seen through the ABI. Methods take `&self` so that one thread can `wait`

@@ -26,7 +26,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn start_vm(&self, config: VmConfig) -> Result<Box<dyn Vm>, String>;
     /// Starts a VM from the template in `template_dir` (see [`VmConfig::memory_file`] and
     /// [`Vm::save`]) with `config`'s host-side settings. Drivers with the `snapshot`
-    /// capability implement it.
+    /// capability implement it. It reaches the plugin as `start_vm` with
+    /// [`VmConfig::restore_from`] set: no new method in the ABI's vtable (see the crate docs).
     fn restore_vm(&self, _config: VmConfig, _template_dir: &Path) -> Result<Box<dyn Vm>, String> {
         Err("restoring a VM from a template is not supported by this driver".into())
     }
@@ -139,21 +140,10 @@ impl<T: Hypervisor> HypervisorDriverAbi for HypervisorAdapter<T> {
     fn start_vm(&self, config_json: RStr<'_>) -> RResult<VmHandleBox, RString> {
         guarded("start_vm", || {
             let config: VmConfig = parse_json("VM config", config_json)?;
-            let vm = self.driver.start_vm(config)?;
-            Ok(VmHandleAbi_TO::from_value(VmAdapter { vm }, TD_Opaque))
-        })
-    }
-
-    fn restore_vm(
-        &self,
-        config_json: RStr<'_>,
-        template_dir: RStr<'_>,
-    ) -> RResult<VmHandleBox, RString> {
-        guarded("restore_vm", || {
-            let config: VmConfig = parse_json("VM config", config_json)?;
-            let vm = self
-                .driver
-                .restore_vm(config, Path::new(template_dir.as_str()))?;
+            let vm = match config.restore_from.clone() {
+                Some(dir) => self.driver.restore_vm(config, &dir)?,
+                None => self.driver.start_vm(config)?,
+            };
             Ok(VmHandleAbi_TO::from_value(VmAdapter { vm }, TD_Opaque))
         })
     }

@@ -44,21 +44,28 @@ impl HypervisorClient {
         Ok(VmClient { inner: vm })
     }
 
-    /// Starts a VM from a template. A plugin built before `restore_vm` existed answers with
-    /// the ABI's default ("not supported"); the core asks only drivers with `snapshot`.
+    /// Starts a VM from a template: `start_vm` with [`VmConfig::restore_from`], asked only of
+    /// a driver with the `snapshot` capability (a plugin built before templates existed would
+    /// ignore the field and boot).
     pub fn restore_vm(
         &self,
         config: &VmConfig,
         template_dir: &std::path::Path,
     ) -> Result<VmClient, String> {
-        let json = serde_json::to_string(config).map_err(|e| format!("encoding VM config: {e}"))?;
-        let dir = template_dir.to_string_lossy();
-        let vm = self
-            .inner
-            .restore_vm(RStr::from_str(&json), RStr::from_str(&dir))
-            .into_result()
-            .map_err(String::from)?;
-        Ok(VmClient { inner: vm })
+        if !self
+            .info
+            .capabilities
+            .contains(crate::Capabilities::SNAPSHOT)
+        {
+            return Err(format!(
+                "driver {} does not support restoring a VM from a template (no snapshot \
+                 capability)",
+                self.info.name
+            ));
+        }
+        let mut config = config.clone();
+        config.restore_from = Some(template_dir.to_path_buf());
+        self.start_vm(&config)
     }
 }
 

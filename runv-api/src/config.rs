@@ -37,6 +37,12 @@ pub struct VmConfig {
     /// `snapshot` capability. A shared directory or network interface whose host side is not
     /// known yet (a template has no container) has an empty `host_path` / `tap`.
     pub memory_file: Option<PathBuf>,
+    /// Set to start the VM from the template in this directory (files
+    /// [`TEMPLATE_MEMORY_FILE`] and [`TEMPLATE_STATE_FILE`]) instead of booting it; the rest
+    /// of the config gives the clone's host-side settings (sockets, shares, taps). The core
+    /// sets it only for drivers with the `snapshot` capability: a plugin built before this
+    /// field existed ignores it, and it does not claim that capability.
+    pub restore_from: Option<PathBuf>,
 }
 
 /// The guest RAM of a template, in its directory (see [`VmConfig::memory_file`]).

@@ -157,7 +157,10 @@ fn clones_run_containers_and_are_unique() {
     let t = TplEnv::new("tpl-clones");
     let out = t.env.run_ok(
         t.runv()
-            .args(["template", "create", "--name", "base", "--format", "json"]),
+            // --debug as the probes run (it adds kernel parameters, so it is part of the shape).
+            .args([
+                "--debug", "template", "create", "--name", "base", "--format", "json",
+            ]),
         300,
     );
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -189,7 +192,8 @@ fn clones_run_containers_and_are_unique() {
 
     // Creating it again finds it.
     let again = t.env.run_ok(
-        t.runv().args(["template", "create", "--format", "json"]),
+        t.runv()
+            .args(["--debug", "template", "create", "--format", "json"]),
         300,
     );
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
@@ -240,7 +244,7 @@ fn clones_run_containers_and_are_unique() {
         .bundle("s", &["sh", "-c", "echo up; while :; do sleep 0.1; done"]);
     let (status, _, err) = t.env.run_files(
         t.runv()
-            .args(["--template", "base", "run", "-d", "--bundle"])
+            .args(["--debug", "--template", "base", "run", "-d", "--bundle"])
             .arg(&sleeper)
             .arg("cs"),
         300,
@@ -380,8 +384,9 @@ fn a_clone_gets_its_own_network() {
     let t = TplEnv::new("tpl-net");
     let ns = Netns::new(77);
     let out = t.env.run_ok(
-        t.runv()
-            .args(["template", "create", "--nics", "1", "--format", "json"]),
+        t.runv().args([
+            "--debug", "template", "create", "--nics", "1", "--format", "json",
+        ]),
         300,
     );
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
