@@ -20,7 +20,7 @@ pub enum Start {
     Restored {
         vm: VmClient,
         client: AgentClient,
-        meta: Meta,
+        meta: Box<Meta>,
     },
     /// Boot as usual.
     Cold,
@@ -102,7 +102,11 @@ pub fn start(
         },
     };
     match restore(&store, driver, vm_config, &request, &meta) {
-        Ok((vm, client)) => Ok(Start::Restored { vm, client, meta }),
+        Ok((vm, client)) => Ok(Start::Restored {
+            vm,
+            client,
+            meta: Box::new(meta),
+        }),
         Err(e) if named.is_none() => {
             tracing::warn!("restoring template {key} failed, booting instead: {e:#}");
             Ok(Start::Cold)

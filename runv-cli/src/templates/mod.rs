@@ -352,7 +352,8 @@ mod tests {
         let base = shape().key();
         assert_eq!(base.len(), 24);
         assert_eq!(base, shape().key());
-        let changes: Vec<Box<dyn Fn(&mut Shape)>> = vec![
+        type Change = Box<dyn Fn(&mut Shape)>;
+        let changes: Vec<Change> = vec![
             Box::new(|s| s.initrd_sha256 = "j".into()),
             Box::new(|s| s.kernel_sha256 = "j".into()),
             Box::new(|s| s.driver_version = "0.2.0".into()),
