@@ -323,6 +323,39 @@ fn a_stale_template_is_rebuilt_not_used() {
     t.env.assert_clean();
 }
 
+#[test]
+fn concurrent_creates_make_one_template() {
+    let t = TplEnv::new("tpl-race");
+    let spawn = || {
+        t.runv()
+            .args(["template", "create", "--format", "json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let keys: Vec<String> = [a, b]
+        .into_iter()
+        .map(|child| {
+            let out = common::wait_output(child, std::time::Duration::from_secs(300), "create");
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v[0]["key"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(keys[0], keys[1]);
+    assert_eq!(t.list().len(), 1);
+    let leftovers: Vec<String> = fs::read_dir(&t.store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp") || n.starts_with(".trash"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    t.env.assert_clean();
+}
+
 /// A network namespace with a veth pair, removed on drop.
 struct Netns {
     name: String,
