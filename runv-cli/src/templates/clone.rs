@@ -75,8 +75,18 @@ pub fn start(
         parameters: vm_config.parameters.clone(),
         agent_timeout_secs: config.agent_timeout_secs,
     };
-    let store = Store::open(&config.template_dir)?;
-    let key = request.shape(&store, driver)?.key();
+    // Under `auto` a store that cannot be opened or a file that cannot be hashed costs the
+    // template, not the container: it boots (and fails there if the kernel is unreadable).
+    let opened = Store::open(&config.template_dir)
+        .and_then(|store| Ok((request.shape(&store, driver)?.key(), store)));
+    let (key, store) = match opened {
+        Ok(found) => found,
+        Err(e) if named.is_none() => {
+            tracing::warn!("templates: {e:#}; booting instead");
+            return Ok(Start::Cold);
+        }
+        Err(e) => return Err(e),
+    };
     let meta = match named {
         Some(name) => {
             let meta = store
