@@ -1446,54 +1446,57 @@ fn table(r: &Value) -> String {
     );
     s.push_str(&warm::table(r));
 
-    let e = &r["exec"];
-    let _ = writeln!(
-        s,
-        "\n5. exec{:<39} {:>8} {:>8} {:>8}  target",
-        "", "median", "min", "max"
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
-        "runv exec /bin/true (ms)",
-        f(&e["true_ms"]["median"]),
-        f(&e["true_ms"]["min"]),
-        f(&e["true_ms"]["max"]),
-        e["true_target"].as_str().unwrap_or(""),
-        met_word(&e["true_met"])
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
-        format!("runv exec dd {STDOUT_MIB} MiB → host (MiB/s)"),
-        f(&e["stdout_mib_per_s"]["median"]),
-        f(&e["stdout_mib_per_s"]["min"]),
-        f(&e["stdout_mib_per_s"]["max"]),
-        e["stdout_target"].as_str().unwrap_or(""),
-        met_word(&e["stdout_met"])
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
-        "  runv state (CLI alone, ms)",
-        f(&e["cli_state_ms"]["median"]),
-        f(&e["cli_state_ms"]["min"]),
-        f(&e["cli_state_ms"]["max"]),
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
-        "  guest dd → /dev/null, no relay (MiB/s)",
-        f(&e["guest_dd_to_null_mib_per_s"]["median"]),
-        f(&e["guest_dd_to_null_mib_per_s"]["min"]),
-        f(&e["guest_dd_to_null_mib_per_s"]["max"]),
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1}",
-        "raw channel: runv-proto Mux, socketpair (MiB/s)",
-        f(&r["raw_channel"]["mib_per_s"])
-    );
+    // Not measured with --warm-only.
+    if !r["exec"].is_null() {
+        let e = &r["exec"];
+        let _ = writeln!(
+            s,
+            "\n5. exec{:<39} {:>8} {:>8} {:>8}  target",
+            "", "median", "min", "max"
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+            "runv exec /bin/true (ms)",
+            f(&e["true_ms"]["median"]),
+            f(&e["true_ms"]["min"]),
+            f(&e["true_ms"]["max"]),
+            e["true_target"].as_str().unwrap_or(""),
+            met_word(&e["true_met"])
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+            format!("runv exec dd {STDOUT_MIB} MiB → host (MiB/s)"),
+            f(&e["stdout_mib_per_s"]["median"]),
+            f(&e["stdout_mib_per_s"]["min"]),
+            f(&e["stdout_mib_per_s"]["max"]),
+            e["stdout_target"].as_str().unwrap_or(""),
+            met_word(&e["stdout_met"])
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            "  runv state (CLI alone, ms)",
+            f(&e["cli_state_ms"]["median"]),
+            f(&e["cli_state_ms"]["min"]),
+            f(&e["cli_state_ms"]["max"]),
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            "  guest dd → /dev/null, no relay (MiB/s)",
+            f(&e["guest_dd_to_null_mib_per_s"]["median"]),
+            f(&e["guest_dd_to_null_mib_per_s"]["min"]),
+            f(&e["guest_dd_to_null_mib_per_s"]["max"]),
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1}",
+            "raw channel: runv-proto Mux, socketpair (MiB/s)",
+            f(&r["raw_channel"]["mib_per_s"])
+        );
+    }
 
     let _ = writeln!(
         s,
