@@ -312,13 +312,20 @@ fn a_stale_template_is_rebuilt_not_used() {
     let (code, _, err, log) = t.run(&flags, &bundle, "c3");
     assert_eq!(code, 7, "{err}");
     assert!(!log.contains("restored from template"), "{log}");
-    wait_until(300, "the rebuilt template", || t.list().len() == 2);
-    let second = t
-        .list()
-        .iter()
-        .map(|m| m["key"].as_str().unwrap().to_string())
-        .find(|k| *k != first)
-        .unwrap();
+    let keys = || -> Vec<String> {
+        t.list()
+            .iter()
+            .map(|m| m["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // The stale one can never match again (the file at its initrd path changed): the build
+    // of its successor removes it.
+    wait_until(300, "the rebuilt template replacing the stale one", || {
+        let k = keys();
+        k.len() == 1 && k[0] != first
+    });
+    let second = keys().remove(0);
+    assert!(!t.store.join(&first).exists());
     probe(&t, &flags, &bundle, "c4", &second);
     t.env.assert_clean();
 }

@@ -227,7 +227,40 @@ pub fn build(request: &Request, wait: bool) -> anyhow::Result<Option<Meta>> {
     fs::rename(&tmp, &dest)
         .with_context(|| format!("moving the template into {}", dest.display()))?;
     guard.0 = None;
+    drop(_lock);
+    remove_superseded(&store, &meta);
     Ok(Some(meta))
+}
+
+/// Removes the unnamed templates that `meta` replaces: made from the same kernel and initrd
+/// paths for the same shape, with other file contents or versions. They can never be restored
+/// again (the files at those paths changed), so they would only take disk space. Named ones
+/// are the user's to remove. Best effort: a template in use is removed once its restores end;
+/// running clones are not affected.
+fn remove_superseded(store: &Store, meta: &Meta) {
+    let same_shape = |other: &Shape| {
+        let mut other = other.clone();
+        other.kernel_sha256.clone_from(&meta.shape.kernel_sha256);
+        other.initrd_sha256.clone_from(&meta.shape.initrd_sha256);
+        other.driver_version.clone_from(&meta.shape.driver_version);
+        other.runv_version.clone_from(&meta.shape.runv_version);
+        other == meta.shape
+    };
+    let Ok(all) = store.list() else {
+        return;
+    };
+    for old in all {
+        if old.key != meta.key
+            && old.name.is_none()
+            && old.kernel == meta.kernel
+            && old.initrd == meta.initrd
+            && same_shape(&old.shape)
+        {
+            if let Err(e) = store.remove(&old.key) {
+                tracing::warn!("removing superseded template {}: {e:#}", old.key);
+            }
+        }
+    }
 }
 
 /// After a cold start under `--template auto`, `create` starts the template build the monitor
