@@ -235,7 +235,7 @@ impl Agent {
                 unix_time_ns,
                 macs,
             } => {
-                crate::restore::make_unique(&entropy, unix_time_ns, &macs).map_err(err)?;
+                crate::restore::make_unique(&entropy.0, unix_time_ns, &macs).map_err(err)?;
                 Ok(ResponseBody::Ok)
             }
         }

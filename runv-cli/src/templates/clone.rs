@@ -177,7 +177,7 @@ fn restore(
         client
             .request(
                 Request::Restored {
-                    entropy,
+                    entropy: runv_proto::Secret(entropy),
                     unix_time_ns,
                     macs,
                 },
