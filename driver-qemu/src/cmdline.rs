@@ -361,25 +361,31 @@ pub fn build_args(
     }
 
     for (i, nic) in config.network_interfaces.iter().enumerate() {
-        if nic.tap.is_empty() {
+        // A template VM has NICs without a backend: its clones attach their own taps.
+        let template_nic = nic.tap.is_empty() && config.memory_file.is_some();
+        if nic.tap.is_empty() && !template_nic {
             return Err(format!("network interface {i} has no tap device"));
         }
-        let mut device = format!("{},netdev=net{i}", options.machine.virtio("net"));
+        let mut device = options.machine.virtio("net");
+        if !template_nic {
+            device.push_str(&format!(",netdev=net{i}"));
+        }
         if !nic.mac.is_empty() {
             device.push_str(&format!(",mac={}", escape(&nic.mac)));
         }
         if nic.mtu > 0 {
             device.push_str(&format!(",host_mtu={}", nic.mtu));
         }
-        push(&[
-            "-netdev",
-            &format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no,vhost=off",
-                escape(&nic.tap)
-            ),
-            "-device",
-            &device,
-        ]);
+        if !template_nic {
+            push(&[
+                "-netdev",
+                &format!(
+                    "tap,id=net{i},ifname={},script=no,downscript=no,vhost=off",
+                    escape(&nic.tap)
+                ),
+            ]);
+        }
+        push(&["-device", &device]);
     }
     Ok(args)
 }

@@ -13,6 +13,7 @@
 
 mod cmdline;
 mod qmp;
+mod template;
 mod vm;
 
 use std::env;
@@ -101,6 +102,23 @@ impl QemuDriver {
 
     /// Starts a VM and returns the concrete type (the plugin interface returns it boxed).
     pub fn start(&self, config: &VmConfig) -> Result<QemuVm, String> {
+        self.start_or_restore(config, None)
+    }
+
+    /// Starts a VM from the template in `template_dir`, with `config`'s host-side settings
+    /// (the shape must be the template's; the core keys templates by it).
+    pub fn restore(&self, config: &VmConfig, template_dir: &Path) -> Result<QemuVm, String> {
+        let vm = self.start_or_restore(config, Some(template_dir))?;
+        // On error `vm` is dropped, which kills and reaps qemu.
+        template::load(&vm, template_dir)?;
+        Ok(vm)
+    }
+
+    fn start_or_restore(
+        &self,
+        config: &VmConfig,
+        template_dir: Option<&Path>,
+    ) -> Result<QemuVm, String> {
         let param = |k: &str| config.parameters.get(k).map(String::as_str);
         let qemu = qemu_binary(param("qemu"))?;
         let choice = choose_accel(param("accel"), &self.host)?;
@@ -120,7 +138,23 @@ impl QemuDriver {
         let paths = VmPaths::new(config)?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
-        let args = build_args(config, &options, &paths)?;
+        let mut args = build_args(config, &options, &paths)?;
+        let memory_mib = if config.memory_mib == 0 {
+            cmdline::DEFAULT_MEMORY_MIB
+        } else {
+            config.memory_mib
+        };
+        match (template_dir, &config.memory_file) {
+            (Some(dir), _) => template::memory_args(
+                &mut args,
+                &dir.join(runv_api::TEMPLATE_MEMORY_FILE),
+                memory_mib,
+                false,
+                true,
+            )?,
+            (None, Some(file)) => template::memory_args(&mut args, file, memory_mib, true, false)?,
+            (None, None) => {}
+        }
 
         if let Some(reason) = &choice.fallback_reason {
             vm::log_line(&paths.log_file, &format!("warning: {reason}"));
@@ -143,6 +177,7 @@ impl QemuDriver {
             config.console_log.clone(),
             config.memory_mib.max(1) * 1024 * 1024,
             start_timeout,
+            template_dir.is_some(),
         )
     }
 }
@@ -184,7 +219,8 @@ impl Hypervisor for QemuDriver {
             description: format!("QEMU microvm ({accel})").into(),
             capabilities: Capabilities::SHARED_DIR_ROOTFS
                 | Capabilities::BLOCK_ROOTFS
-                | Capabilities::PAUSE,
+                | Capabilities::PAUSE
+                | Capabilities::SNAPSHOT,
         }
     }
 
@@ -194,6 +230,10 @@ impl Hypervisor for QemuDriver {
 
     fn start_vm(&self, config: VmConfig) -> Result<Box<dyn Vm>, String> {
         Ok(Box::new(self.start(&config)?))
+    }
+
+    fn restore_vm(&self, config: VmConfig, template_dir: &Path) -> Result<Box<dyn Vm>, String> {
+        Ok(Box::new(self.restore(&config, template_dir)?))
     }
 }
 

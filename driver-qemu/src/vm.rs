@@ -68,6 +68,7 @@ impl QemuVm {
         console_log: PathBuf,
         guest_memory_bytes: u64,
         start_timeout: Duration,
+        restoring: bool,
     ) -> Result<Self, String> {
         for socket in [&paths.agent_socket, &paths.qmp_socket] {
             match fs::remove_file(socket) {
@@ -103,7 +104,9 @@ impl QemuVm {
             qmp: Mutex::new(()),
         };
         // On error `vm` is dropped, which kills and reaps qemu.
-        let agent = vm.connect_agent(Instant::now() + start_timeout)?;
+        // A VM being restored waits for its state (`-incoming defer`): that is its status.
+        let expected = if restoring { "inmigrate" } else { "running" };
+        let agent = vm.connect_agent(Instant::now() + start_timeout, expected)?;
         vm.agent.set(agent.into());
         Ok(vm)
     }
@@ -121,7 +124,7 @@ impl QemuVm {
     /// happens only once qemu has loaded the kernel and entered its main loop (a bad `-kernel`
     /// fails after the sockets exist). Polls every 10 ms, bounded by `deadline`, and notices
     /// qemu exiting at once.
-    fn connect_agent(&self, deadline: Instant) -> Result<UnixStream, String> {
+    fn connect_agent(&self, deadline: Instant, expected: &str) -> Result<UnixStream, String> {
         let agent = loop {
             if self.process.has_exited() {
                 return Err(self.early_exit_error());
@@ -156,7 +159,7 @@ impl QemuVm {
             }
         };
         match status {
-            Ok(status) if status == "running" => Ok(agent),
+            Ok(status) if status == expected => Ok(agent),
             Ok(status) => Err(format!("qemu started but the VM is {status}")),
             Err(qmp_error) => {
                 if self.process.has_exited() || self.process.wait_exit(Duration::from_millis(500)) {
@@ -182,6 +185,25 @@ impl QemuVm {
         Qmp::connect(&self.paths.qmp_socket, QMP_TIMEOUT)?
             .execute(command, None)
             .map(drop)
+    }
+
+    /// Runs one QMP command with arguments and returns its `return` value, unless qemu has
+    /// exited.
+    pub(crate) fn qmp_call(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        if self.process.has_exited() {
+            return Err("the VM has already exited".into());
+        }
+        let _guard = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        Qmp::connect(&self.paths.qmp_socket, QMP_TIMEOUT)?.execute(command, arguments)
+    }
+
+    /// Whether qemu has exited, and why, from its stderr.
+    pub(crate) fn exit_error(&self) -> Option<String> {
+        self.process.has_exited().then(|| self.early_exit_error())
     }
 
     /// `query-status` of the running VM, e.g. `running` or `paused`.
@@ -244,6 +266,10 @@ impl Vm for QemuVm {
 
     fn stats(&self) -> Result<VmStats, String> {
         self.process.stats(self.guest_memory_bytes)
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), String> {
+        crate::template::save(self, dir)
     }
 }
 

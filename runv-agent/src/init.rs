@@ -21,6 +21,8 @@ struct Cmdline {
     log: Level,
     reboot: bool,
     channel: Option<String>,
+    /// `runv.template=1`: this VM is booted to be saved as a template.
+    template: bool,
 }
 
 fn cmdline() -> Cmdline {
@@ -29,6 +31,7 @@ fn cmdline() -> Cmdline {
         log: Level::Info,
         reboot: false,
         channel: None,
+        template: false,
     };
     for w in text.split_whitespace() {
         if let Some(v) = w.strip_prefix("runv.log=") {
@@ -37,6 +40,8 @@ fn cmdline() -> Cmdline {
             c.reboot = v == "reboot";
         } else if let Some(v) = w.strip_prefix("runv.channel=") {
             c.channel = Some(v.to_string());
+        } else if let Some(v) = w.strip_prefix("runv.template=") {
+            c.template = v == "1";
         }
     }
     c
@@ -105,6 +110,10 @@ pub fn main() -> ! {
     let reaper = Reaper::start();
     let modules = Arc::new(Modules::load_table());
     modules.load_for_devices();
+    if c.template {
+        // Clones share what the template loaded: load now what containers load lazily.
+        modules.load_for_containers();
+    }
     if let Err(e) = crate::net::loopback_up() {
         crate::warn!("loopback: {e}");
     }
@@ -134,7 +143,7 @@ pub fn main() -> ! {
         }
     };
     let mux = Mux::new(Box::new(writer));
-    let agent = Agent::new(mux, modules, reaper, c.reboot);
+    let agent = Agent::new(mux, modules, reaper, c.reboot, c.template);
     match agent.serve(channel) {
         Ok(()) => info!("host went away"),
         Err(e) => error!("{e}"),

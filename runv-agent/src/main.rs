@@ -10,6 +10,7 @@ mod modules;
 mod net;
 mod process_setup;
 mod reaper;
+mod restore;
 mod rootfs_setup;
 mod seccomp;
 mod server;

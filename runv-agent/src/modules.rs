@@ -94,6 +94,25 @@ impl Modules {
         Ok(())
     }
 
+    /// Loads every module the container path loads on demand (9p shares, virtio-net,
+    /// virtio-blk with ext4), for a template VM whose clones should not each load them.
+    pub fn load_for_containers(&self) {
+        for m in [
+            "9pnet_virtio",
+            "9p",
+            "virtio_net",
+            "virtio_blk",
+            "crc32c_generic",
+            "ext4",
+        ] {
+            if self.has(m) {
+                if let Err(e) = self.ensure(m) {
+                    crate::warn!("{e}");
+                }
+            }
+        }
+    }
+
     /// Loads the virtio transports, then a driver for every virtio device present; on Xen,
     /// the Xen front-ends.
     pub fn load_for_devices(&self) {

@@ -115,6 +115,36 @@ fn by_mac(mac: &str) -> Option<String> {
         })
 }
 
+/// Gives the interface that has MAC `from` the MAC `to` (a clone's NIC still has its
+/// template's address). The link goes down for the change, as the kernel requires.
+pub fn change_mac(from: &str, to: &str) -> Result<(), String> {
+    let name = by_mac(from).ok_or_else(|| format!("no interface with MAC {from}"))?;
+    let mut bytes = [0u8; 6];
+    let parts: Vec<&str> = to.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("bad MAC {to:?}"));
+    }
+    for (b, p) in bytes.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC {to:?}"))?;
+    }
+    let fd = sock()?;
+    set_up(&fd, &name, false)?;
+    let mut r = ifreq(&name)?;
+    // SAFETY: writing the sockaddr member of the ifreq union, which SIOCSIFHWADDR reads.
+    unsafe {
+        r.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in r.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(bytes) {
+            *d = s as libc::c_char;
+        }
+    }
+    ioctl(
+        &fd,
+        libc::SIOCSIFHWADDR,
+        &mut r as *mut _ as _,
+        &format!("set MAC of {name} to {to}"),
+    )
+}
+
 pub fn configure(interfaces: &[Interface], routes: &[Route]) -> Result<(), String> {
     let fd = sock()?;
     for itf in interfaces {

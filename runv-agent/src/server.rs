@@ -57,6 +57,10 @@ pub struct Agent {
     shares: Mutex<std::collections::HashSet<String>>,
     power_off_when_idle: AtomicBool,
     pub reboot_to_exit: bool,
+    /// Booted as a template (`runv.template=1`): its clones' hosts connect anew.
+    template: bool,
+    /// Hellos received from hosts; each after the first comes from a clone's host.
+    host_hellos: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,6 +77,7 @@ impl Agent {
         modules: Arc<Modules>,
         reaper: Reaper,
         reboot_to_exit: bool,
+        template: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             mux,
@@ -82,6 +87,8 @@ impl Agent {
             shares: Mutex::new(Default::default()),
             power_off_when_idle: AtomicBool::new(false),
             reboot_to_exit,
+            template,
+            host_hellos: Default::default(),
         })
     }
 
@@ -92,10 +99,24 @@ impl Agent {
         self.mux
             .send_agent_hello(format!("runv-agent {}", env!("CARGO_PKG_VERSION")))
             .map_err(|e| format!("send hello: {e}"))?;
+        let reopen = channel
+            .try_clone()
+            .map_err(|e| format!("dup channel: {e}"))?;
         let mut reader = FrameReader::new(channel);
         loop {
             let frame = match reader.read_frame() {
                 Ok(Some(f)) => f,
+                Ok(None) if self.template => {
+                    // A clone wakes up with no host on its port until the clone's host
+                    // connects (virtio-serial reads end while no host is connected): wait
+                    // for it instead of ending the VM.
+                    std::thread::sleep(Duration::from_millis(10));
+                    let file = reopen
+                        .try_clone()
+                        .map_err(|e| format!("dup channel: {e}"))?;
+                    reader = FrameReader::new(file);
+                    continue;
+                }
                 Ok(None) => return Err("host closed the channel".into()),
                 Err(e) => return Err(format!("reading from the host: {e}")),
             };
@@ -111,6 +132,13 @@ impl Agent {
                         );
                     } else {
                         crate::info!("host connected: {agent_version}");
+                    }
+                    // The first host answered our boot greeting; a later one is the host of
+                    // a clone of this VM, which waits for our greeting before anything else.
+                    if self.host_hellos.fetch_add(1, Ordering::SeqCst) > 0 {
+                        self.mux
+                            .send_agent_hello(format!("runv-agent {}", env!("CARGO_PKG_VERSION")))
+                            .map_err(|e| format!("send hello: {e}"))?;
                     }
                 }
                 Ok(Some(Message::Request { id, body })) => {
@@ -202,6 +230,14 @@ impl Agent {
                 Ok(ResponseBody::Ok)
             }
             Request::Shutdown => Ok(ResponseBody::Ok),
+            Request::Restored {
+                entropy,
+                unix_time_ns,
+                macs,
+            } => {
+                crate::restore::make_unique(&entropy.0, unix_time_ns, &macs).map_err(err)?;
+                Ok(ResponseBody::Ok)
+            }
         }
     }
 

@@ -24,6 +24,13 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// on (e.g. "qemu-system-x86_64 not found in PATH; install the qemu-system-x86 package").
     fn probe(&self) -> Result<(), String>;
     fn start_vm(&self, config: VmConfig) -> Result<Box<dyn Vm>, String>;
+    /// Starts a VM from the template in `template_dir` (see [`VmConfig::memory_file`] and
+    /// [`Vm::save`]) with `config`'s host-side settings. Drivers with the `snapshot`
+    /// capability implement it. It reaches the plugin as `start_vm` with
+    /// [`VmConfig::restore_from`] set: no new method in the ABI's vtable (see the crate docs).
+    fn restore_vm(&self, _config: VmConfig, _template_dir: &Path) -> Result<Box<dyn Vm>, String> {
+        Err("restoring a VM from a template is not supported by this driver".into())
+    }
 }
 
 /// A running VM.
@@ -38,7 +45,9 @@ pub trait Vm: Send + Sync + 'static {
     fn wait(&self) -> Result<VmExit, String>;
     fn pids(&self) -> Vec<u32>;
     fn stats(&self) -> Result<VmStats, String>;
-    fn save(&self, _path: &Path) -> Result<(), String> {
+    /// Writes the device state of the paused-for-it VM into `dir`
+    /// ([`crate::TEMPLATE_STATE_FILE`]); the RAM stays in [`VmConfig::memory_file`].
+    fn save(&self, _dir: &Path) -> Result<(), String> {
         Err("saving VM state is not supported by this driver".into())
     }
 }
@@ -131,7 +140,10 @@ impl<T: Hypervisor> HypervisorDriverAbi for HypervisorAdapter<T> {
     fn start_vm(&self, config_json: RStr<'_>) -> RResult<VmHandleBox, RString> {
         guarded("start_vm", || {
             let config: VmConfig = parse_json("VM config", config_json)?;
-            let vm = self.driver.start_vm(config)?;
+            let vm = match config.restore_from.clone() {
+                Some(dir) => self.driver.restore_vm(config, &dir)?,
+                None => self.driver.start_vm(config)?,
+            };
             Ok(VmHandleAbi_TO::from_value(VmAdapter { vm }, TD_Opaque))
         })
     }

@@ -43,6 +43,30 @@ impl HypervisorClient {
             .map_err(String::from)?;
         Ok(VmClient { inner: vm })
     }
+
+    /// Starts a VM from a template: `start_vm` with [`VmConfig::restore_from`], asked only of
+    /// a driver with the `snapshot` capability (a plugin built before templates existed would
+    /// ignore the field and boot).
+    pub fn restore_vm(
+        &self,
+        config: &VmConfig,
+        template_dir: &std::path::Path,
+    ) -> Result<VmClient, String> {
+        if !self
+            .info
+            .capabilities
+            .contains(crate::Capabilities::SNAPSHOT)
+        {
+            return Err(format!(
+                "driver {} does not support restoring a VM from a template (no snapshot \
+                 capability)",
+                self.info.name
+            ));
+        }
+        let mut config = config.clone();
+        config.restore_from = Some(template_dir.to_path_buf());
+        self.start_vm(&config)
+    }
 }
 
 pub struct VmClient {

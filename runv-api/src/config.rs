@@ -32,7 +32,23 @@ pub struct VmConfig {
     /// Driver-specific settings, e.g. `accel=tcg` (from `--accel` or the spec's
     /// `vm.hypervisor.parameters`).
     pub parameters: BTreeMap<String, String>,
+    /// Set to boot a template VM: the guest RAM lives in this file, mapped shared, so that
+    /// `save` leaves it there and writes only the device state. Only given to drivers with the
+    /// `snapshot` capability. A shared directory or network interface whose host side is not
+    /// known yet (a template has no container) has an empty `host_path` / `tap`.
+    pub memory_file: Option<PathBuf>,
+    /// Set to start the VM from the template in this directory (files
+    /// [`TEMPLATE_MEMORY_FILE`] and [`TEMPLATE_STATE_FILE`]) instead of booting it; the rest
+    /// of the config gives the clone's host-side settings (sockets, shares, taps). The core
+    /// sets it only for drivers with the `snapshot` capability: a plugin built before this
+    /// field existed ignores it, and it does not claim that capability.
+    pub restore_from: Option<PathBuf>,
 }
+
+/// The guest RAM of a template, in its directory (see [`VmConfig::memory_file`]).
+pub const TEMPLATE_MEMORY_FILE: &str = "memory";
+/// The device state of a template, written by `save` into the template's directory.
+pub const TEMPLATE_STATE_FILE: &str = "state";
 
 /// A host directory shared into the guest, mounted there by tag.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]

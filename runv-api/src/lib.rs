@@ -14,12 +14,17 @@
 //! * While the version is `0.y.z`, `y` is the major version: a plugin must be rebuilt against the
 //!   same `0.y` as the core. A plugin built against another `0.y` is rejected with
 //!   `IncompatibleVersionNumber`; one whose types differ is rejected with `AbiInstability`.
-//! * A patch release (`0.y.z+1`) only appends fields after the last prefix field of a prefix type
-//!   or appends methods to a trait object; plugins built against an older patch keep loading, and
-//!   the core treats the missing items as "not supported".
-//! * Configurations ([`VmConfig`], [`StorageRequest`], [`PreparedRootfs`]) cross the boundary as
-//!   versioned JSON: new fields always have defaults, so old plugins ignore them and new plugins
-//!   read old configs. Removing or retyping a field is a major change.
+//! * abi_stable 0.11 accepts a plugin only when its `0.y.z` has the core's `y` and a `z` at
+//!   least the core's, and only when every vtable and prefix type has at least the fields the
+//!   core's has (a vtable with fewer methods is refused: "too many fields", checked with
+//!   `tests/fixtures/prev-api`). So bumping `z` or appending a trait-object method turns every
+//!   older plugin away: both are major changes here, whatever abi_stable's docs suggest.
+//! * What old plugins must survive is therefore added to the versioned JSON (new fields with
+//!   defaults) behind a capability bit the old plugin does not claim. Templates came that
+//!   way: [`VmConfig::memory_file`] and [`VmConfig::restore_from`], used only with
+//!   [`Capabilities::SNAPSHOT`], with `Vm::save` that was in the vtable from the start.
+//!   `runv-cli/tests/plugin_discovery.rs` loads and cold-starts a plugin built against the
+//!   runv-api before templates (`tests/fixtures/prev-api`).
 //! * Capability bits are only ever added; an unknown bit is ignored by older cores.
 
 mod abi;
@@ -40,7 +45,7 @@ pub use capabilities::Capabilities;
 pub use client::{HypervisorClient, StorageClient, VmClient};
 pub use config::{
     BlockDevice, NetInterface, PreparedRootfs, RootfsSource, SharedDir, StorageRequest,
-    VM_CONFIG_VERSION, VmConfig,
+    TEMPLATE_MEMORY_FILE, TEMPLATE_STATE_FILE, VM_CONFIG_VERSION, VmConfig,
 };
 pub use host::{
     AgentChannel, cpuinfo_has_virt_flag, find_in_path, find_program, parse_smaps_rollup,

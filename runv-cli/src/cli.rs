@@ -54,6 +54,13 @@ pub struct RunvOpts {
     /// accelerator for drivers that have a choice: kvm or tcg (default: kvm where usable)
     #[arg(long, global = true, value_name = "ACCEL")]
     pub accel: Option<String>,
+    /// start VMs from templates: auto (use a matching one, else boot and make one in the
+    /// background), off (default), or a template's name
+    #[arg(long, global = true, value_name = "auto|off|NAME")]
+    pub template: Option<String>,
+    /// the template store (default $RUNV_TEMPLATE_DIR, else /var/lib/runv/templates)
+    #[arg(long = "template-dir", global = true, value_name = "DIR")]
+    pub template_dir: Option<PathBuf>,
     /// accepted for runc compatibility; runv containers are isolated by their VM
     #[arg(long, hide = true, value_name = "VALUE")]
     pub rootless: Option<String>,
@@ -70,6 +77,8 @@ pub enum Command {
     Common(Box<CommonCmd>),
     /// list the driver plugins found, their capabilities and whether they can run here
     Drivers(DriversArgs),
+    /// VM templates: saved, booted VMs that containers start from as clones
+    Template(crate::templates::command::TemplateArgs),
 }
 
 #[derive(Args, Debug)]

@@ -15,6 +15,7 @@ mod plugins;
 mod signals;
 mod state;
 mod stats;
+mod templates;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,10 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.len() == 3 && args[1] == "__monitor" {
         return monitor::main(std::path::Path::new(&args[2]));
+    }
+    // A background template build, started by `create` under `--template auto`.
+    if args.len() == 3 && args[1] == "__template-build" {
+        return templates::build::background_main(&args[2].to_string_lossy());
     }
     // Rust ignores SIGPIPE, so `runv list | head` would panic in println!; a CLI should just
     // end quietly as runc does. (Not in the monitor, which must outlive a closed reader.)
@@ -112,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli.runv.driver.as_deref(),
             cli.runv.storage.as_deref(),
         )?,
+        Command::Template(args) => templates::command::run(&ctx, &args)?,
         Command::Standard(cmd) => match *cmd {
             StandardCmd::Create(a) => commands::create::run(
                 &ctx,

@@ -53,6 +53,28 @@ fn old_abi_plugin() -> PathBuf {
         .clone()
 }
 
+/// A plugin built against the runv-api of the commit before `restore_vm` was appended to the
+/// ABI (tests/fixtures/prev-api): the previous interface of this same ABI version.
+fn prev_api_plugin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target = root.join("target/fixtures");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "--manifest-path"])
+                .arg(root.join("tests/fixtures/prev-api/Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .status()
+                .expect("running cargo for the previous-API fixture");
+            assert!(status.success(), "building the previous-API fixture failed");
+            target.join("debug/librunv_driver_prevapi.so")
+        })
+        .clone()
+}
+
 fn foreign_library() -> PathBuf {
     let candidates = [
         "/lib/x86_64-linux-gnu/libz.so.1",
@@ -361,4 +383,53 @@ fn selection_follows_driver_flag_and_never_picks_third_party_implicitly() {
             .unwrap()
             .contains("'nope' not found")
     );
+}
+
+#[test]
+fn a_plugin_built_against_the_previous_api_loads_and_starts_vms() {
+    let dir = TempDir::new("prevapi");
+    fs::copy(prev_api_plugin(), dir.0.join("librunv_driver_prevapi.so")).unwrap();
+    let (json, err) = drivers_json(&[&dir.0]);
+    assert_eq!(names(&json), vec!["prevapi"], "stderr: {err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(json["drivers"][0]["available"], true);
+    assert!(
+        !json["drivers"][0]["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&"snapshot".into()),
+        "the old plugin does not claim templates"
+    );
+
+    // Through the very client the core uses: a cold start works, and a restore, which the old
+    // plugin knows nothing of, is refused by the capability gate before the plugin is asked.
+    use abi_stable::library::lib_header_from_path;
+    use runv_api::{HypervisorClient, PluginModuleRef, VmConfig};
+    use std::io::{Read, Write};
+    let module = lib_header_from_path(&dir.0.join("librunv_driver_prevapi.so"))
+        .and_then(|h| h.init_root_module::<PluginModuleRef>())
+        .unwrap_or_else(|e| panic!("loading the previous-API plugin: {e}"));
+    let driver = HypervisorClient::new((module.new_hypervisor())().into_result().unwrap());
+    let config = VmConfig {
+        name: "old".into(),
+        memory_mib: 64,
+        console_log: dir.0.join("console.log"),
+        ..VmConfig::default()
+    };
+    let vm = driver.start_vm(&config).unwrap();
+    let mut channel = std::os::unix::net::UnixStream::from(vm.take_agent_channel().unwrap());
+    channel
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    channel.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    channel.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    let err = driver
+        .restore_vm(&config, &dir.0)
+        .err()
+        .expect("restore_vm must be refused for a plugin without the snapshot capability");
+    assert!(err.contains("does not support restoring"), "{err}");
+    vm.stop(std::time::Duration::from_secs(1)).unwrap();
+    assert_eq!(vm.wait().unwrap().code, 0);
 }

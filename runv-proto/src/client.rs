@@ -80,6 +80,21 @@ impl AgentClient {
     /// before the agent's magic are skipped, at most [`MAX_NOISE`] of them
     /// ([`AgentClient::skipped_bytes`] says how many); see [`crate::preamble`].
     pub fn connect(stream: OwnedFd, handshake_timeout: Duration) -> Result<Self, Error> {
+        Self::handshake(stream, handshake_timeout, false)
+    }
+
+    /// Like [`AgentClient::connect`], for an agent restored from a template: it greeted the
+    /// template's host long ago and waits for frames, so we speak first; a Hello after its
+    /// first one makes the agent greet again (magic, Hello), and that greeting answers ours.
+    pub fn connect_restored(stream: OwnedFd, handshake_timeout: Duration) -> Result<Self, Error> {
+        Self::handshake(stream, handshake_timeout, true)
+    }
+
+    fn handshake(
+        stream: OwnedFd,
+        handshake_timeout: Duration,
+        restored: bool,
+    ) -> Result<Self, Error> {
         let file = File::from(stream);
         let mut reader_file = file.try_clone().map_err(ProtoError::from)?;
         let noise = Arc::new(Mutex::new(Noise::default()));
@@ -88,6 +103,13 @@ impl AgentClient {
         let (hello_tx, hello_rx) = mpsc::channel::<Result<(u32, String), ProtoError>>();
         let (inner_tx, inner_rx) = mpsc::channel::<Arc<Inner>>();
         let mux = Mux::new(Box::new(file));
+        let host_hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            agent_version: format!("runv-host {}", env!("CARGO_PKG_VERSION")),
+        };
+        if restored {
+            mux.send_message(&host_hello)?;
+        }
         let mux2 = Arc::clone(&mux);
         std::thread::Builder::new()
             .name("agent-reader".into())
@@ -149,10 +171,9 @@ impl AgentClient {
             }
         };
         let skipped_bytes = lock(&noise).bytes;
-        mux.send_message(&Message::Hello {
-            version: PROTOCOL_VERSION,
-            agent_version: format!("runv-host {}", env!("CARGO_PKG_VERSION")),
-        })?;
+        if !restored {
+            mux.send_message(&host_hello)?;
+        }
         if version != PROTOCOL_VERSION {
             mux.close();
             return Err(ProtoError::VersionMismatch {

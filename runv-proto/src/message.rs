@@ -85,6 +85,40 @@ pub enum Request {
         enabled: bool,
     },
     Shutdown,
+    /// The VM was just restored from a template, which its siblings share: before anything
+    /// else runs, credit `entropy` to the kernel's pool and reseed its CRNG, set the wall
+    /// clock, and give each NIC the clone's MAC instead of the template's.
+    Restored {
+        /// Fresh random bytes from the host (at most [`MAX_RESTORE_ENTROPY`]).
+        entropy: Secret,
+        /// The host's wall clock, nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+        #[serde(default)]
+        macs: Vec<MacChange>,
+    },
+}
+
+/// Bytes that must not reach a log: requests are logged with `{:?}` (the agent's debug lines
+/// go to the guest's kernel log, which the console log and `dmesg` show), and a clone's seed
+/// is not to be read there. Serialized as the plain byte array.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} secret bytes>", self.0.len())
+    }
+}
+
+/// Most entropy bytes a `Restored` request may carry (the agent refuses more).
+pub const MAX_RESTORE_ENTROPY: usize = 512;
+
+/// A NIC of a restored VM: the MAC the template gave it and the one it gets now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacChange {
+    pub template: String,
+    pub clone: String,
 }
 
 /// Where a container's root filesystem comes from.
@@ -211,5 +245,25 @@ impl ExitStatus {
             Self::Exited(c) => c,
             Self::Signaled(s) => 128 + s,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_entropy_is_a_plain_array_on_the_wire_and_hidden_in_logs() {
+        let req = Request::Restored {
+            entropy: Secret(vec![7, 8, 9]),
+            unix_time_ns: 1,
+            macs: vec![],
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(json.contains(r#""entropy":[7,8,9]"#), "{json}");
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        let debug = format!("{req:?}");
+        assert!(debug.contains("<3 secret bytes>"), "{debug}");
+        assert!(!debug.contains("7, 8, 9"), "{debug}");
     }
 }

@@ -67,12 +67,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
     if let Some(path) = &vm.hypervisor_path {
         parameters.insert(info.name.to_string(), path.display().to_string());
     }
-    let mut kernel_params = vm.kernel_params.clone();
-    if ctx.debug {
-        // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s, which would drop the
-        // agent's debug lines.
-        kernel_params.push_str(" runv.log=debug printk.devkmsg=on");
-    }
+    let kernel_params = kernel_params(&vm, ctx.debug);
     let agent_timeout_secs = agent_timeout()?;
 
     // Unix socket paths (control, agent, QMP) are limited to 107 bytes; longer ones (docker:
@@ -123,6 +118,10 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             debug: ctx.debug,
             agent_timeout_secs,
             systemd_cgroup: ctx.systemd_cgroup,
+            template: crate::templates::Mode::parse(ctx.opts.template.as_deref())?,
+            template_dir: absolute(&crate::templates::store_dir(
+                ctx.opts.template_dir.as_deref(),
+            ))?,
         };
         config.save(&dir)?;
         let child = spawn_monitor(
@@ -133,6 +132,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
         if let Some(pid_file) = args.pid_file {
             write_pid_file(pid_file, child.id())?;
         }
+        crate::templates::build::spawn_wanted(&dir);
         Ok(child)
     })();
     match result {
@@ -169,7 +169,18 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
 
 /// `RUNV_AGENT_TIMEOUT` (seconds), or the default. A value that is not a positive number is
 /// an error: silently using the default would hide the typo.
-fn agent_timeout() -> anyhow::Result<u64> {
+/// The guest kernel parameters for a container (and for the templates of its shape).
+pub fn kernel_params(vm: &bundle::VmSection, debug: bool) -> String {
+    let mut kernel_params = vm.kernel_params.clone();
+    if debug {
+        // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s, which would drop the
+        // agent's debug lines.
+        kernel_params.push_str(" runv.log=debug printk.devkmsg=on");
+    }
+    kernel_params
+}
+
+pub fn agent_timeout() -> anyhow::Result<u64> {
     match std::env::var(ENV_AGENT_TIMEOUT) {
         Err(std::env::VarError::NotPresent) => Ok(DEFAULT_AGENT_TIMEOUT_SECS),
         Err(std::env::VarError::NotUnicode(v)) => {

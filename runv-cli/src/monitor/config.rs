@@ -32,6 +32,12 @@ pub struct MonitorConfig {
     /// `--systemd-cgroup` was given: the host cgroup is managed through systemd.
     #[serde(default)]
     pub systemd_cgroup: bool,
+    /// `--template`: restore the VM from a template, build one afterwards, or neither.
+    #[serde(default)]
+    pub template: crate::templates::Mode,
+    /// The template store.
+    #[serde(default)]
+    pub template_dir: PathBuf,
 }
 
 impl MonitorConfig {

@@ -34,7 +34,7 @@ pub use config::MonitorConfig;
 pub const READY_FD: i32 = 3;
 
 /// Tag of the rootfs share in the guest.
-const ROOTFS_TAG: &str = "rootfs";
+pub const ROOTFS_TAG: &str = "rootfs";
 /// The image a directory rootfs is copied into for drivers that cannot share directories.
 const ROOTFS_IMAGE: &str = "rootfs.img";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -339,7 +339,17 @@ fn setup(
     // they are root's only. The VMM keeps this umask for whatever it creates later. No other
     // thread of ours creates files meanwhile (the control socket is not bound yet).
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let started = hypervisor.client.start_vm(&vm_config);
+    let (started, restored) =
+        match crate::templates::clone::start(config, &hypervisor.client, &vm_config, dir) {
+            Ok(crate::templates::clone::Start::Restored { vm, client, meta }) => {
+                tracing::debug!("restored from template {}", meta.key);
+                (Ok(vm), Some(client))
+            }
+            Ok(crate::templates::clone::Start::Cold) => {
+                (hypervisor.client.start_vm(&vm_config), None)
+            }
+            Err(e) => (Err(format!("{e:#}")), None),
+        };
     nix::sys::stat::umask(old_umask);
     let vm = Arc::new(
         started
@@ -354,16 +364,22 @@ fn setup(
     ]);
     cleanup.vm = Some(vm.clone());
     tracing::debug!(phase = "vmm-up", "VM started, pids {:?}", vm.pids());
-    let channel = vm
-        .take_agent_channel()
-        .map_err(|e| anyhow::anyhow!("agent channel: {e}"))?;
-    let client = AgentClient::connect(channel, Duration::from_secs(config.agent_timeout_secs))
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (guest console log: {})",
-                vm_config.console_log.display()
-            )
-        })?;
+    let client = match restored {
+        Some(client) => client,
+        None => {
+            let channel = vm
+                .take_agent_channel()
+                .map_err(|e| anyhow::anyhow!("agent channel: {e}"))?;
+            AgentClient::connect(channel, Duration::from_secs(config.agent_timeout_secs)).map_err(
+                |e| {
+                    anyhow::anyhow!(
+                        "{e} (guest console log: {})",
+                        vm_config.console_log.display()
+                    )
+                },
+            )?
+        }
+    };
     tracing::debug!(
         phase = "agent-ready",
         "agent {} answered",

@@ -1,11 +1,12 @@
-//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only]`: runv's
-//! cold start, exec, throughput and memory on this machine, against a floor (the same qemu,
+//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only | --warm-only]`: runv's
+//! cold start, warm start from a VM template, exec, throughput and memory on this machine, against a floor (the same qemu,
 //! kernel and memory booting an initrd whose /init powers off at once) and runc. Runs are
 //! interleaved round by round; medians with min/max; ratios paired per round. See BENCHMARKS.md.
 
 mod nested;
 mod parse;
 mod stats;
+mod warm;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -35,6 +36,8 @@ struct Opts {
     build: bool,
     nested: bool,
     nested_only: bool,
+    /// Only the floor, the first driver's cold and warm starts, their phases and memory.
+    warm_only: bool,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
@@ -45,6 +48,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         build: true,
         nested: true,
         nested_only: false,
+        warm_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -53,6 +57,10 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             "--no-build" => o.build = false,
             "--no-nested" => o.nested = false,
             "--nested-only" => o.nested_only = true,
+            "--warm-only" => {
+                o.warm_only = true;
+                o.nested = false;
+            }
             "--runs" => {
                 o.runs = it
                     .next()
@@ -300,6 +308,13 @@ enum Variant {
     Phases {
         driver: String,
     },
+    /// `runv --template run` of `/bin/true`: restored from a template.
+    Warm {
+        driver: String,
+    },
+    WarmPhases {
+        driver: String,
+    },
     Runc,
 }
 
@@ -317,6 +332,10 @@ impl Variant {
                 storage: Some(s),
             } => format!("runv run ({driver} + {s})"),
             Variant::Phases { driver } => format!("runv --debug run+delete ({driver}, echo)"),
+            Variant::Warm { driver } => format!("runv --template run ({driver}, warm)"),
+            Variant::WarmPhases { driver } => {
+                format!("runv --debug --template run+delete ({driver}, echo)")
+            }
             Variant::Runc => "runc run (no VM)".into(),
         }
     }
@@ -516,8 +535,10 @@ impl Bench {
         let mem_avail_kb = meminfo("MemAvailable:");
         report["memory_one"] = memory(std::slice::from_ref(&state), ram_mib, &kernel)?;
 
-        report["exec"] = self.exec_bench(&c0)?;
-        report["raw_channel"] = raw_channel(ws);
+        if !self.opts.warm_only {
+            report["exec"] = self.exec_bench(&c0)?;
+            report["raw_channel"] = raw_channel(ws);
+        }
 
         eprintln!("bench: {IDLE_MANY} idle containers");
         let mut states = vec![state];
@@ -543,32 +564,64 @@ impl Bench {
         report["vm_memory_mib"] = json!(ram_mib);
         self.env.delete_all();
 
+        // The same number of idle containers, restored from a template.
+        eprintln!("bench: templates; {IDLE_MANY} idle clones");
+        self.make_templates(&first)?;
+        let mut clones = Vec::new();
+        for _ in 0..IDLE_MANY {
+            let id = self.start_idle_clone(&first)?;
+            clones.push(read_state(&self.env.root, &id)?);
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        report["memory_clones"] = memory(&clones, ram_mib, &kernel)?;
+        report["memory_clones_vs_cold"] =
+            warm::memory_comparison(&report["memory_many"], &report["memory_clones"]);
+        self.env.delete_all();
+
         // Cold starts, interleaved.
         let mut variants = vec![
             Variant::Floor { quiet: false },
             Variant::Floor { quiet: true },
         ];
-        for (d, s) in &drivers {
+        if self.opts.warm_only {
+            variants.truncate(1);
             variants.push(Variant::Runv {
-                driver: d.clone(),
-                storage: s.clone(),
+                driver: first.clone(),
+                storage: None,
             });
+        } else {
+            for (d, s) in &drivers {
+                variants.push(Variant::Runv {
+                    driver: d.clone(),
+                    storage: s.clone(),
+                });
+            }
         }
         variants.push(Variant::Phases {
             driver: first.clone(),
         });
-        if find_runc().is_some() {
+        variants.push(Variant::Warm {
+            driver: first.clone(),
+        });
+        variants.push(Variant::WarmPhases {
+            driver: first.clone(),
+        });
+        if find_runc().is_some() && !self.opts.warm_only {
             variants.push(Variant::Runc);
         }
         let runs = self.opts.runs;
         let mut samples: Vec<Vec<Option<f64>>> = vec![vec![None; runs]; variants.len()];
         let mut phase_samples = Vec::new();
+        let mut warm_phase_samples = Vec::new();
         let mut floor_marks = Vec::new();
         for (round, v) in stats::schedule(variants.len(), runs) {
             eprintln!("bench: round {}/{runs}: {}", round + 1, variants[v].label());
             let (secs, extra) = self.cold(&variants[v])?;
             samples[v][round] = Some(secs);
             match extra {
+                Extra::Phases(p) if matches!(variants[v], Variant::WarmPhases { .. }) => {
+                    warm_phase_samples.push(p)
+                }
                 Extra::Phases(p) => phase_samples.push(p),
                 Extra::Floor(m) => floor_marks.push(m),
                 Extra::None => {}
@@ -576,19 +629,41 @@ impl Bench {
         }
         let floor = &samples[0];
         let floor_sum = summary(floor);
+        // The warm start is also compared with the first driver's own cold start.
+        let first_cold = variants
+            .iter()
+            .position(|v| matches!(v, Variant::Runv { driver, storage: None } if *driver == first));
         let mut cold = Vec::new();
         for (i, v) in variants.iter().enumerate() {
             let s = summary(&samples[i]);
             let ratios = stats::summarize(&stats::paired_ratios(&samples[i], floor));
-            let target = matches!(v, Variant::Runv { .. }).then(|| {
-                let r = ratios.map(|r| r.median).unwrap_or(f64::NAN);
-                json!({
+            let r = ratios.map(|r| r.median).unwrap_or(f64::NAN);
+            let target = match v {
+                Variant::Runv { .. } => Some(json!({
                     "target": format!("<= {TARGET_COLD_RATIO}x floor"),
                     "met": stats::met(r, TARGET_COLD_RATIO, true),
                     "done_criterion": format!("<= {DONE_COLD_RATIO}x floor"),
                     "done_met": stats::met(r, DONE_COLD_RATIO, true),
-                })
-            });
+                })),
+                Variant::Warm { .. } => {
+                    let to_cold = first_cold.and_then(|c| {
+                        stats::summarize(&stats::paired_ratios(&samples[i], &samples[c]))
+                    });
+                    let met = stats::met(r, warm::TARGET_WARM_FLOOR_RATIO, true);
+                    Some(json!({
+                        "target": format!("<= {}x floor", warm::TARGET_WARM_FLOOR_RATIO),
+                        "met": met,
+                        "ratio_to_cold_paired": sum_json(to_cold),
+                        "summary": format!(
+                            "≤{}× floor: {}; {:.2}× the cold start",
+                            warm::TARGET_WARM_FLOOR_RATIO,
+                            if met { "met" } else { "NOT met" },
+                            to_cold.map(|t| t.median).unwrap_or(f64::NAN)
+                        ),
+                    }))
+                }
+                _ => None,
+            };
             cold.push(json!({
                 "variant": v.label(),
                 "seconds": sum_json(s),
@@ -603,6 +678,7 @@ impl Bench {
         }
         report["cold"] = json!(cold);
         report["phases"] = phases_json(&phase_samples);
+        report["warm_phases"] = phases_json(&warm_phase_samples);
         report["floor_guest"] = floor_guest_json(&floor_marks);
         report["nested_kvm"] = if self.opts.nested {
             nested::run(ws, release, self.opts.runs)?
@@ -798,8 +874,31 @@ impl Bench {
                 Ok((secs, Extra::None))
             }
             Variant::Phases { driver } => {
-                let (secs, p) = self.phase_run(driver)?;
+                let (secs, p) = self.phase_run(driver, None)?;
                 Ok((secs, Extra::Phases(p)))
+            }
+            Variant::WarmPhases { driver } => {
+                let (secs, p) = self.phase_run(driver, Some(warm::TEMPLATE_DEBUG))?;
+                Ok((secs, Extra::Phases(p)))
+            }
+            Variant::Warm { driver } => {
+                let id = self.next_id("warm");
+                let err = self.env.tmp.join(format!("{id}.err"));
+                self.env.containers.push(id.clone());
+                let mut cmd = self.runv_warm(warm::TEMPLATE_PLAIN);
+                let t = Instant::now();
+                let mut child = cmd
+                    .args(["--driver", driver, "run", "--bundle"])
+                    .arg(&self.bundle_true)
+                    .arg(&id)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&err)?)
+                    .spawn()?;
+                let st = wait_deadline(&mut child, "runv --template run")?;
+                let secs = t.elapsed().as_secs_f64();
+                ok_or_stderr(st, &format!("runv --template run {id}"), &err)?;
+                self.env.containers.retain(|c| c != &id);
+                Ok((secs, Extra::None))
             }
             Variant::Runc => {
                 let id = self.next_id("runc");
@@ -824,16 +923,18 @@ impl Bench {
 
     /// `runv --debug run --keep` of an `echo` container, then `delete`: the phase marks of the
     /// JSON log, the guest console, and the host's first read of the container's output.
-    fn phase_run(&mut self, driver: &str) -> Result<(f64, PhaseSample)> {
+    fn phase_run(&mut self, driver: &str, template: Option<&str>) -> Result<(f64, PhaseSample)> {
         let id = self.next_id("phase");
         let log = self.env.tmp.join(format!("{id}.log"));
         let err = self.env.tmp.join(format!("{id}.err"));
         self.env.containers.push(id.clone());
         let t0 = now_ns();
         let start = Instant::now();
-        let mut child = self
-            .env
-            .runv()
+        let mut cmd = match template {
+            Some(name) => self.runv_warm(name),
+            None => self.env.runv(),
+        };
+        let mut child = cmd
             .args(["--debug", "--log"])
             .arg(&log)
             .args([
@@ -891,6 +992,15 @@ impl Bench {
                     marks.entry(p.to_string()).or_insert(ns);
                 }
             }
+        }
+        if template.is_some() {
+            if !marks.contains_key("vm-restored") {
+                bail!("runv --template run {id} was not restored from the template");
+            }
+            return Ok((
+                secs,
+                warm::phase_sample(t0, &marks, first_output, run_exit, delete_ms),
+            ));
         }
         let g = parse::guest_marks(&console);
         Ok((
@@ -1264,6 +1374,8 @@ fn table(r: &Value) -> String {
         let ratio = &c["ratio_to_floor_paired"];
         let target = if c["target"].is_null() {
             String::new()
+        } else if let Some(summary) = c["target"]["summary"].as_str() {
+            summary.to_string()
         } else {
             format!(
                 "≤{TARGET_COLD_RATIO}×: {}; done ≤{DONE_COLD_RATIO}×: {}",
@@ -1332,55 +1444,59 @@ fn table(r: &Value) -> String {
         "  guest console: {:.0} bytes per boot",
         f(&p["console_bytes"]["median"])
     );
+    s.push_str(&warm::table(r));
 
-    let e = &r["exec"];
-    let _ = writeln!(
-        s,
-        "\n5. exec{:<39} {:>8} {:>8} {:>8}  target",
-        "", "median", "min", "max"
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
-        "runv exec /bin/true (ms)",
-        f(&e["true_ms"]["median"]),
-        f(&e["true_ms"]["min"]),
-        f(&e["true_ms"]["max"]),
-        e["true_target"].as_str().unwrap_or(""),
-        met_word(&e["true_met"])
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
-        format!("runv exec dd {STDOUT_MIB} MiB → host (MiB/s)"),
-        f(&e["stdout_mib_per_s"]["median"]),
-        f(&e["stdout_mib_per_s"]["min"]),
-        f(&e["stdout_mib_per_s"]["max"]),
-        e["stdout_target"].as_str().unwrap_or(""),
-        met_word(&e["stdout_met"])
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
-        "  runv state (CLI alone, ms)",
-        f(&e["cli_state_ms"]["median"]),
-        f(&e["cli_state_ms"]["min"]),
-        f(&e["cli_state_ms"]["max"]),
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1} {:>8.1} {:>8.1}",
-        "  guest dd → /dev/null, no relay (MiB/s)",
-        f(&e["guest_dd_to_null_mib_per_s"]["median"]),
-        f(&e["guest_dd_to_null_mib_per_s"]["min"]),
-        f(&e["guest_dd_to_null_mib_per_s"]["max"]),
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8.1}",
-        "raw channel: runv-proto Mux, socketpair (MiB/s)",
-        f(&r["raw_channel"]["mib_per_s"])
-    );
+    // Not measured with --warm-only.
+    if !r["exec"].is_null() {
+        let e = &r["exec"];
+        let _ = writeln!(
+            s,
+            "\n5. exec{:<39} {:>8} {:>8} {:>8}  target",
+            "", "median", "min", "max"
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+            "runv exec /bin/true (ms)",
+            f(&e["true_ms"]["median"]),
+            f(&e["true_ms"]["min"]),
+            f(&e["true_ms"]["max"]),
+            e["true_target"].as_str().unwrap_or(""),
+            met_word(&e["true_met"])
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}  {}: {}",
+            format!("runv exec dd {STDOUT_MIB} MiB → host (MiB/s)"),
+            f(&e["stdout_mib_per_s"]["median"]),
+            f(&e["stdout_mib_per_s"]["min"]),
+            f(&e["stdout_mib_per_s"]["max"]),
+            e["stdout_target"].as_str().unwrap_or(""),
+            met_word(&e["stdout_met"])
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            "  runv state (CLI alone, ms)",
+            f(&e["cli_state_ms"]["median"]),
+            f(&e["cli_state_ms"]["min"]),
+            f(&e["cli_state_ms"]["max"]),
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            "  guest dd → /dev/null, no relay (MiB/s)",
+            f(&e["guest_dd_to_null_mib_per_s"]["median"]),
+            f(&e["guest_dd_to_null_mib_per_s"]["min"]),
+            f(&e["guest_dd_to_null_mib_per_s"]["max"]),
+        );
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1}",
+            "raw channel: runv-proto Mux, socketpair (MiB/s)",
+            f(&r["raw_channel"]["mib_per_s"])
+        );
+    }
 
     let _ = writeln!(
         s,

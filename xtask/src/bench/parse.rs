@@ -272,7 +272,10 @@ pub fn qemu_maps(smaps: &str, ram_kb: u64, kernel: &str) -> QemuMaps {
     let mut out = QemuMaps::default();
     if let Some(ram) = maps
         .iter()
-        .filter(|m| m.path.is_none() && !m.exec && m.size >= ram_kb)
+        // A clone's RAM is a private mapping of its template's `memory` file, not anonymous.
+        .filter(|m| {
+            m.path.as_deref().is_none_or(|p| p.ends_with("/memory")) && !m.exec && m.size >= ram_kb
+        })
         .min_by_key(|m| m.size)
     {
         out.guest_ram = (ram.rss, ram.pss);
@@ -372,6 +375,14 @@ mod tests {
             "the bigger code buffer is not guest RAM"
         );
         assert_eq!(m.code_cache, (5000, 5000));
+        let clone = "7f3000000000-7f3008000000 rw-p 00000000 00:2a 77 /var/lib/runv/templates/k/memory (deleted)\n\
+                     Size: 131072 kB\nRss: 30000 kB\nPss: 3000 kB\n";
+        let m = qemu_maps(clone, 131072, "");
+        assert_eq!(
+            m.guest_ram,
+            (30000, 3000),
+            "a clone's RAM is its template's file"
+        );
         assert_eq!(qemu_maps(s, 262144, "").guest_ram, (0, 0));
     }
 }
