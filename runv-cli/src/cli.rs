@@ -35,8 +35,9 @@ pub struct Cli {
 /// runv's own global flags.
 #[derive(Args, Debug, Default, Clone)]
 pub struct RunvOpts {
-    /// directory to load driver plugins from (repeatable; default $RUNV_DRIVER_DIR, else
-    /// PREFIX/lib/runv beside the binary, /usr/lib/runv and the binary's own directory)
+    /// directory to load driver plugins from (repeatable; default $RUNV_DRIVER_DIR, else the
+    /// first of PREFIX/lib/runv beside the binary, the binary's own directory and
+    /// /usr/lib/runv that holds plugins)
     #[arg(long = "driver-dir", global = true, value_name = "DIR")]
     pub driver_dirs: Vec<PathBuf>,
     /// hypervisor driver to use (default: the first available of qemu, kvm-native, kvmtool, xen)
@@ -54,6 +55,9 @@ pub struct RunvOpts {
     /// accelerator for drivers that have a choice: kvm or tcg (default: kvm where usable)
     #[arg(long, global = true, value_name = "ACCEL")]
     pub accel: Option<String>,
+    /// host configuration file (default $RUNV_CONFIG, else /etc/runv/config.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// accepted for runc compatibility; runv containers are isolated by their VM
     #[arg(long, hide = true, value_name = "VALUE")]
     pub rootless: Option<String>,
@@ -70,6 +74,24 @@ pub enum Command {
     Common(Box<CommonCmd>),
     /// list the driver plugins found, their capabilities and whether they can run here
     Drivers(DriversArgs),
+    /// show the host configuration (see `runv help config`)
+    Config(ConfigArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// print each setting's effective value and where it came from (flag, env, file, default)
+    Show {
+        /// output format: table or json
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
 }
 
 #[derive(Args, Debug)]
