@@ -1,7 +1,6 @@
 //! `runv`: a runc-compatible OCI runtime that runs each container in its own VM.
 
 mod bundle;
-mod cli;
 mod commands;
 mod console;
 mod container_id;
@@ -20,6 +19,7 @@ mod stats;
 use std::process::ExitCode;
 
 use clap::Parser;
+use runv_cli::cli;
 
 use cli::{Cli, Command};
 

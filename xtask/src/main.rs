@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod dist;
+mod docs;
 mod guest;
 mod vmtest;
 
@@ -33,6 +34,10 @@ enum Task {
     Bench(bench::Args),
     /// Run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
     Vmtest(vmtest::Args),
+    /// Generate runv's man pages (runv.1, runv-<command>.1) from its clap definitions
+    Man(docs::ManArgs),
+    /// Generate runv's bash, zsh and fish completions (bash also completes container ids)
+    Completions(docs::CompletionsArgs),
 }
 
 fn main() {
@@ -50,6 +55,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Dist(args) => dist::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Vmtest(args) => vmtest::run(args),
+        Task::Man(args) => docs::run_man(args),
+        Task::Completions(args) => docs::run_completions(args),
     }
 }
 
