@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
 
 mod bench;
+mod deb;
 mod demo;
 mod dist;
 mod docs;
@@ -34,6 +35,8 @@ enum Task {
     Bench(bench::Args),
     /// Run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
     Vmtest(vmtest::Args),
+    /// Build Debian packages: runv and one per plugin (dpkg-deb), into target/deb
+    Deb(deb::Args),
     /// Generate runv's man pages (runv.1, runv-<command>.1) from its clap definitions
     Man(docs::ManArgs),
     /// Generate runv's bash, zsh and fish completions (bash also completes container ids)
@@ -55,6 +58,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Dist(args) => dist::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Vmtest(args) => vmtest::run(args),
+        Task::Deb(args) => deb::run(args),
         Task::Man(args) => docs::run_man(args),
         Task::Completions(args) => docs::run_completions(args),
     }
