@@ -29,8 +29,16 @@ impl Docker {
             return None;
         }
         let mut sb = Sandbox::new(tag);
+        // A second runtime whose runtimeArgs name a runv config file (VMs with 2 vCPUs).
+        std::fs::write(sb.path("runv.toml"), "[vm]\nvcpus = 2\n").unwrap();
         let config = serde_json::json!({
-            "runtimes": {"runv": {"path": RUNV}},
+            "runtimes": {
+                "runv": {"path": RUNV},
+                "runv-2cpu": {
+                    "path": RUNV,
+                    "runtimeArgs": ["--config", sb.path("runv.toml")],
+                },
+            },
             // A private bridge in the sandbox's network namespace.
             "bip": "10.99.0.1/24",
         });
@@ -327,4 +335,19 @@ fn docker_network_bridge_address_server_gateway_dns() {
     assert!(!out.stdout.contains("eth0"), "{out}");
 
     d.ok(&["rm", "-f", "web"], 60);
+}
+
+#[test]
+fn docker_passes_runtime_args_to_runv() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk4") else {
+        return;
+    };
+    let out = d.ok(
+        &["run", "--rm", "--runtime", "runv-2cpu", IMAGE, "nproc"],
+        120,
+    );
+    assert_eq!(out.stdout, "2\n");
+    let out = d.ok(&["run", "--rm", "--runtime", "runv", IMAGE, "nproc"], 120);
+    assert_eq!(out.stdout, "1\n");
 }
