@@ -12,6 +12,8 @@ PACKAGES=(
     pkg-config
     libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)
     dmsetup           # storage-devmapper (thin pool and snapshots)
+    man-db bash-completion   # tests of the generated man pages and completions
+    dpkg-dev lintian  # cargo xtask deb (dpkg-deb, dpkg-shlibdeps) and its checks
 )
 
 missing=()

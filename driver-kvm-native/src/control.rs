@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler, unblock_signal};
 
+use crate::exit::ExitReason;
+
 /// How a kick reaches a vCPU thread: a real-time signal whose handler does nothing, so that
 /// `KVM_RUN` returns `EINTR` (the handler is installed without `SA_RESTART`).
 pub fn kick_signal() -> c_int {
@@ -38,7 +40,7 @@ pub fn unblock_kick() {
 #[derive(Debug, Default)]
 struct State {
     /// Why the VM ends, once something decided it does (the first reason wins).
-    exit: Option<String>,
+    exit: Option<ExitReason>,
     paused: bool,
     /// vCPUs that are inside their run loop.
     running: usize,
@@ -58,20 +60,20 @@ impl Control {
     }
 
     /// Asks the VM to end for `reason`; the first caller's reason is kept.
-    pub fn request_exit(&self, reason: impl Into<String>) {
+    pub fn request_exit(&self, reason: ExitReason) {
         let mut s = self.lock();
         if s.exit.is_none() {
-            s.exit = Some(reason.into());
+            s.exit = Some(reason);
         }
         self.changed.notify_all();
     }
 
-    pub fn exit_reason(&self) -> Option<String> {
+    pub fn exit_reason(&self) -> Option<ExitReason> {
         self.lock().exit.clone()
     }
 
     /// Blocks until an exit was requested.
-    pub fn wait_exit_requested(&self) -> String {
+    pub fn wait_exit_requested(&self) -> ExitReason {
         let mut s = self.lock();
         loop {
             if let Some(reason) = &s.exit {
@@ -149,10 +151,10 @@ mod tests {
     #[test]
     fn the_first_exit_reason_wins() {
         let c = Control::default();
-        c.request_exit("guest reboot");
-        c.request_exit("stopped by the host");
-        assert_eq!(c.exit_reason().as_deref(), Some("guest reboot"));
-        assert_eq!(c.wait_exit_requested(), "guest reboot");
+        c.request_exit(ExitReason::GuestRebooted);
+        c.request_exit(ExitReason::StoppedByHost);
+        assert_eq!(c.exit_reason(), Some(ExitReason::GuestRebooted));
+        assert_eq!(c.wait_exit_requested(), ExitReason::GuestRebooted);
         assert!(!c.vcpu_may_run());
     }
 

@@ -34,7 +34,7 @@ pub struct ResetTrigger(pub Arc<Control>);
 impl Trigger for ResetTrigger {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request_exit("guest rebooted");
+        self.0.request_exit(crate::exit::ExitReason::GuestRebooted);
         Ok(())
     }
 }
@@ -172,7 +172,10 @@ mod tests {
         bus.pio_write(I8042_COMMAND, &[0xaa]);
         assert_eq!(control.exit_reason(), None);
         bus.pio_write(I8042_COMMAND, &[0xfe]);
-        assert_eq!(control.exit_reason().as_deref(), Some("guest rebooted"));
+        assert_eq!(
+            control.exit_reason(),
+            Some(crate::exit::ExitReason::GuestRebooted)
+        );
     }
 
     #[test]

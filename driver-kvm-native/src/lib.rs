@@ -20,6 +20,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod event_loop;
+pub mod exit;
 pub mod layout;
 pub mod probe;
 pub mod tap;

@@ -8,6 +8,7 @@ use crate::boot::Entry;
 use crate::control::{self, Control};
 use crate::cpu;
 use crate::devices::Bus;
+use crate::exit::ExitReason;
 
 /// KVM_SYSTEM_EVENT types (include/uapi/linux/kvm.h).
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -61,31 +62,33 @@ pub fn run(mut vcpu: VcpuFd, index: u8, bus: Arc<Bus>, control: Arc<Control>) {
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-            Ok(VcpuExit::Hlt) => control.request_exit(format!("vCPU {index} halted")),
-            Ok(VcpuExit::Shutdown) => {
-                control.request_exit(format!("guest reset (triple fault on vCPU {index})"))
-            }
+            Ok(VcpuExit::Hlt) => control.request_exit(ExitReason::Halted { vcpu: index }),
+            Ok(VcpuExit::Shutdown) => control.request_exit(ExitReason::TripleFault { vcpu: index }),
             Ok(VcpuExit::SystemEvent(kind, _)) => control.request_exit(match kind {
-                SYSTEM_EVENT_SHUTDOWN => "guest powered off".to_string(),
-                SYSTEM_EVENT_RESET => "guest rebooted".to_string(),
-                SYSTEM_EVENT_CRASH => "guest crashed".to_string(),
-                other => format!("guest system event {other}"),
+                SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPoweredOff,
+                SYSTEM_EVENT_RESET => ExitReason::GuestRebooted,
+                SYSTEM_EVENT_CRASH => ExitReason::GuestCrashed,
+                other => ExitReason::GuestSystemEvent(other),
             }),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => control.request_exit(format!(
-                "KVM could not enter vCPU {cpu} (hardware reason {reason:#x})"
-            )),
-            Ok(VcpuExit::InternalError) => control.request_exit(format!(
-                "KVM internal error on vCPU {index} (an emulation failure: does this host's KVM \
-                 run full guests?)"
-            )),
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => {
-                control.request_exit(format!("unexpected exit on vCPU {index}: {other:?}"))
+            Ok(VcpuExit::FailEntry(reason, cpu)) => control.request_exit(ExitReason::FailEntry {
+                vcpu: cpu,
+                hardware_reason: reason,
+            }),
+            Ok(VcpuExit::InternalError) => {
+                control.request_exit(ExitReason::InternalError { vcpu: index })
             }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => control.request_exit(ExitReason::Unexpected {
+                vcpu: index,
+                exit: format!("{other:?}"),
+            }),
             Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {
                 // A kick: loop around to look at the run state.
             }
-            Err(e) => control.request_exit(format!("KVM_RUN on vCPU {index}: {e}")),
+            Err(e) => control.request_exit(ExitReason::KvmRun {
+                vcpu: index,
+                error: e.to_string(),
+            }),
         }
     }
     control.vcpu_stopped();

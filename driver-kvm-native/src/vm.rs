@@ -20,6 +20,7 @@ use crate::control::{self, Control};
 use crate::cpu;
 use crate::devices::{Bus, MmioSlot};
 use crate::event_loop::EventLoop;
+use crate::exit::ExitReason;
 use crate::layout;
 use crate::vcpu;
 use crate::virtio::{self, MmioTransport};
@@ -49,7 +50,7 @@ pub fn kernel_cmdline(extra: &str) -> String {
 
 #[derive(Default)]
 struct Outcome {
-    exit: Option<String>,
+    exit: Option<ExitReason>,
 }
 
 struct Shared {
@@ -210,7 +211,7 @@ impl KvmVm {
             match spawn(format!("kvm-vcpu{i}"), Box::new(run)) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    control.request_exit(e.clone());
+                    control.request_exit(ExitReason::HostError(e.clone()));
                     control.kick_until(&threads, KICK_TIMEOUT, |running, _| running == 0);
                     let _ = stop_events.write(1);
                     return Err(e);
@@ -344,7 +345,7 @@ impl Vm for KvmVm {
         if self.wait_ended(timeout) {
             return Ok(());
         }
-        self.shared.control.request_exit("stopped by the host");
+        self.shared.control.request_exit(ExitReason::StoppedByHost);
         if self.wait_ended(KICK_TIMEOUT * 2) {
             Ok(())
         } else {
@@ -359,14 +360,11 @@ impl Vm for KvmVm {
             .ended
             .wait_while(outcome, |o| o.exit.is_none())
             .unwrap_or_else(|e| e.into_inner());
-        let description = outcome.exit.clone().unwrap_or_default();
-        let failed = !(description == "guest rebooted"
-            || description == "guest powered off"
-            || description == "stopped by the host");
+        let reason = outcome.exit.clone().unwrap_or(ExitReason::StoppedByHost);
         Ok(VmExit {
-            code: i32::from(failed),
+            code: i32::from(!reason.is_clean()),
             signal: 0,
-            description: description.into(),
+            description: reason.to_string().into(),
         })
     }
 
@@ -392,7 +390,7 @@ impl Vm for KvmVm {
 
 impl Drop for KvmVm {
     fn drop(&mut self) {
-        self.shared.control.request_exit("stopped by the host");
+        self.shared.control.request_exit(ExitReason::StoppedByHost);
         self.wait_ended(KICK_TIMEOUT * 2);
     }
 }

@@ -12,6 +12,7 @@ use kvm_ioctls::Kvm;
 use runv_driver_kvm_native::boot::Entry;
 use runv_driver_kvm_native::control::{self, Control};
 use runv_driver_kvm_native::devices::{Bus, MmioSlot};
+use runv_driver_kvm_native::exit::ExitReason;
 use runv_driver_kvm_native::virtio::{Console, MmioTransport};
 use runv_driver_kvm_native::{cpu, layout, vcpu, vm};
 use vm_memory::{Bytes, GuestAddress};
@@ -32,7 +33,7 @@ fn kvm() -> Option<Kvm> {
 }
 
 struct Outcome {
-    reason: String,
+    reason: ExitReason,
     console: String,
 }
 
@@ -79,7 +80,7 @@ fn run_guest(kvm: &Kvm, code: &[u8], entry: Entry) -> Outcome {
     let timer_control = control.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
-        timer_control.request_exit("timed out");
+        timer_control.request_exit(ExitReason::HostError("timed out".into()));
     });
     let reason = control.wait_exit_requested();
     let threads = [thread];
@@ -113,7 +114,12 @@ fn long_mode_guest_writes_to_com1_and_resets() {
     let mut code = print(b"long mode\n");
     code.extend_from_slice(&RESET);
     let out = run_guest(&kvm, &code, Entry::Linux64 { rip: CODE_ADDR });
-    assert_eq!(out.reason, "guest rebooted", "console: {:?}", out.console);
+    assert_eq!(
+        out.reason,
+        ExitReason::GuestRebooted,
+        "console: {:?}",
+        out.console
+    );
     assert_eq!(out.console, "long mode\n");
 }
 
@@ -129,7 +135,7 @@ fn long_mode_guest_sees_its_boot_registers() {
     code.extend_from_slice(&ok);
     code.extend_from_slice(&RESET);
     let out = run_guest(&kvm, &code, Entry::Linux64 { rip: CODE_ADDR });
-    assert_eq!(out.reason, "guest rebooted");
+    assert_eq!(out.reason, ExitReason::GuestRebooted);
     assert_eq!(out.console, "rsi ok\n");
 }
 
@@ -154,5 +160,5 @@ fn protected_mode_guest_reads_the_virtio_mmio_magic() {
     code.push(0xf4);
     let out = run_guest(&kvm, &code, Entry::Pvh { rip: CODE_ADDR });
     assert_eq!(out.console, "virt\n");
-    assert_eq!(out.reason, "guest rebooted");
+    assert_eq!(out.reason, ExitReason::GuestRebooted);
 }

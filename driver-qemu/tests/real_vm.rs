@@ -7,108 +7,16 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use runv_api::{HypervisorClient, PluginModuleRef, Vm, VmConfig};
+use runv_api::{HypervisorClient, PluginModuleRef, Vm};
 use runv_driver_qemu::QemuDriver;
 use runv_proto::client::AgentClient;
 use runv_proto::{Request, ResponseBody};
 
+mod guest_vm;
+use guest_vm::{Scratch, config, logs};
+
 const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A scratch directory; on drop (also when a test fails) every process started with a path
-/// inside it on its command line (our qemu) is killed by pid, then the directory is removed.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("runv-qemu-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn processes(&self) -> Vec<i32> {
-        let needle = self.0.to_str().unwrap().as_bytes().to_vec();
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
-                if cmdline
-                    .windows(needle.len())
-                    .any(|w| w == needle.as_slice())
-                {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for pid in self.processes() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNV_GUEST_DIR") {
-        return dir.into();
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("guest")
-}
-
-fn config(scratch: &Scratch, name: &str) -> VmConfig {
-    let guest = guest_dir();
-    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "{} or {} is missing: run `cargo xtask guest` first",
-        kernel.display(),
-        initrd.display()
-    );
-    VmConfig {
-        version: runv_api::VM_CONFIG_VERSION,
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        kernel,
-        initrd: Some(initrd),
-        kernel_params: "quiet".into(),
-        state_dir: scratch.0.join("state"),
-        console_log: scratch.0.join("console.log"),
-        log_file: Some(scratch.0.join("qemu.log")),
-        ..Default::default()
-    }
-}
-
-/// What the VM wrote, for failure messages.
-fn logs(scratch: &Scratch) -> String {
-    let read = |n: &str| fs::read_to_string(scratch.0.join(n)).unwrap_or_default();
-    format!(
-        "--- qemu.log ---\n{}\n--- console.log (tail) ---\n{}",
-        read("qemu.log"),
-        read("console.log")
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
-    )
-}
 
 fn agent(fd: OwnedFd, scratch: &Scratch) -> AgentClient {
     AgentClient::connect(fd, AGENT_TIMEOUT)

@@ -105,7 +105,8 @@ impl Bundle {
     /// VM size: annotations `runv.vm.vcpus` / `runv.vm.memory_mib`, else derived from
     /// `linux.resources` (CPU quota/period, memory limit + guest overhead), else 1 vCPU and
     /// 128 MiB.
-    pub fn vm_size(&self) -> (u32, u64) {
+    /// The VM's vCPUs and MiB: the spec's, else the host's defaults (`host_config`).
+    pub fn vm_size(&self, default_vcpus: u32, default_memory_mib: u64) -> (u32, u64) {
         let ann = self.annotations();
         let resources = &self.spec["linux"]["resources"];
         let vcpus = ann
@@ -116,7 +117,7 @@ impl Bundle {
                 let period = resources["cpu"]["period"].as_u64().unwrap_or(100_000);
                 (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period) as u32)
             })
-            .unwrap_or(DEFAULT_VCPUS)
+            .unwrap_or(default_vcpus)
             .clamp(1, 64);
         let memory = ann
             .get("runv.vm.memory_mib")
@@ -125,7 +126,7 @@ impl Bundle {
                 let limit = resources["memory"]["limit"].as_i64()?;
                 (limit > 0).then(|| (limit as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)
             })
-            .unwrap_or(DEFAULT_MEMORY_MIB)
+            .unwrap_or(default_memory_mib)
             .max(MIN_MEMORY_MIB);
         (vcpus, memory)
     }
@@ -161,8 +162,6 @@ impl Bundle {
     }
 }
 
-pub const DEFAULT_VCPUS: u32 = 1;
-pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const MIN_MEMORY_MIB: u64 = 96;
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
 
@@ -191,9 +190,13 @@ fn check_version(spec: &Value, path: &Path) -> anyhow::Result<()> {
 }
 
 /// The guest kernel and initrd, by the documented order: `--kernel`/`--initrd`, the spec's
-/// `vm` section, `PREFIX/share/runv` beside the installed binary, then the development
-/// `target/guest`.
-pub fn guest_files(opts: &RunvOpts, vm: &VmSection) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// `vm` section, `RUNV_KERNEL`/`RUNV_INITRD` and the host config file (`host`),
+/// `PREFIX/share/runv` beside the installed binary, then the development `target/guest`.
+pub fn guest_files(
+    opts: &RunvOpts,
+    vm: &VmSection,
+    host: &crate::host_config::HostConfig,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf));
@@ -214,12 +217,14 @@ pub fn guest_files(opts: &RunvOpts, vm: &VmSection) -> anyhow::Result<(PathBuf, 
         .kernel
         .clone()
         .or_else(|| vm.kernel.clone())
+        .or_else(|| host.kernel.value.clone())
         .or_else(|| find(&["vmlinux", "vmlinuz"]))
         .context("no guest kernel found: pass --kernel, or run `cargo xtask guest` (development) or install runv with its share/runv files")?;
     let initrd = opts
         .initrd
         .clone()
         .or_else(|| vm.initrd.clone())
+        .or_else(|| host.initrd.value.clone())
         .or_else(|| find(&["initrd.img"]))
         .context("no guest initrd found: pass --initrd, or run `cargo xtask guest`")?;
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {

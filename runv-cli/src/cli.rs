@@ -35,8 +35,9 @@ pub struct Cli {
 /// runv's own global flags.
 #[derive(Args, Debug, Default, Clone)]
 pub struct RunvOpts {
-    /// directory to load driver plugins from (repeatable; default $RUNV_DRIVER_DIR, else
-    /// PREFIX/lib/runv beside the binary, /usr/lib/runv and the binary's own directory)
+    /// directory to load driver plugins from (repeatable; default $RUNV_DRIVER_DIR, else the
+    /// first of PREFIX/lib/runv beside the binary, the binary's own directory and
+    /// /usr/lib/runv that holds plugins)
     #[arg(long = "driver-dir", global = true, value_name = "DIR")]
     pub driver_dirs: Vec<PathBuf>,
     /// hypervisor driver to use (default: the first available of qemu, kvm-native, kvmtool, xen)
@@ -61,6 +62,9 @@ pub struct RunvOpts {
     /// the template store (default $RUNV_TEMPLATE_DIR, else /var/lib/runv/templates)
     #[arg(long = "template-dir", global = true, value_name = "DIR")]
     pub template_dir: Option<PathBuf>,
+    /// host configuration file (default $RUNV_CONFIG, else /etc/runv/config.toml)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// accepted for runc compatibility; runv containers are isolated by their VM
     #[arg(long, hide = true, value_name = "VALUE")]
     pub rootless: Option<String>,
@@ -78,7 +82,80 @@ pub enum Command {
     /// list the driver plugins found, their capabilities and whether they can run here
     Drivers(DriversArgs),
     /// VM templates: saved, booted VMs that containers start from as clones
-    Template(crate::templates::command::TemplateArgs),
+    Template(TemplateArgs),
+    /// show the host configuration (see `runv help config`)
+    Config(ConfigArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    #[command(subcommand)]
+    pub command: TemplateCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// boot a VM of the given shape to agent-ready and save it as a template
+    Create(CreateArgs),
+    /// list the templates in the store
+    List(ListArgs),
+    /// remove templates (containers running from them are not affected)
+    Rm(RmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// a name to use with --template NAME
+    #[arg(long)]
+    pub name: Option<String>,
+    /// take the VM size, kernel and hypervisor settings from this bundle's config.json
+    #[arg(long, short)]
+    pub bundle: Option<PathBuf>,
+    /// vCPUs (default: the bundle's, else 1)
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// guest memory in MiB (default: the bundle's, else 128)
+    #[arg(long = "memory-mib")]
+    pub memory_mib: Option<u64>,
+    /// network interfaces, as many as the containers' network namespaces have
+    #[arg(long, default_value_t = 0)]
+    pub nics: usize,
+    /// for containers with bind mounts of host paths (they add a shared directory)
+    #[arg(long)]
+    pub volumes: bool,
+    /// output format: table or json
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// output format: table or json
+    #[arg(short, long, default_value = "table")]
+    pub format: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// template names or keys
+    #[arg(required = true)]
+    pub templates: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// print each setting's effective value and where it came from (flag, env, file, default)
+    Show {
+        /// output format: table or json
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
 }
 
 #[derive(Args, Debug)]

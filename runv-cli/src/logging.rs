@@ -46,6 +46,22 @@ struct RuncLayer {
 /// Installs the global logger. Returns whether logs go to a file (then errors are also printed
 /// to stderr by the caller).
 pub fn init(log_file: Option<&Path>, format: Format, debug: bool) -> anyhow::Result<bool> {
+    let level = if debug {
+        Some(LevelFilter::DEBUG)
+    } else {
+        std::env::var("RUNV_LOG_LEVEL")
+            .ok()
+            .and_then(|v| v.parse::<LevelFilter>().ok())
+    };
+    init_level(log_file, format, level)
+}
+
+/// [`init`] at `level`; `None`: warn to stderr, info to a file.
+pub fn init_level(
+    log_file: Option<&Path>,
+    format: Format,
+    level: Option<LevelFilter>,
+) -> anyhow::Result<bool> {
     let sink = match log_file {
         Some(path) if path != Path::new("/dev/stderr") => Sink::File(
             OpenOptions::new()
@@ -57,15 +73,11 @@ pub fn init(log_file: Option<&Path>, format: Format, debug: bool) -> anyhow::Res
         _ => Sink::Stderr,
     };
     let to_file = matches!(sink, Sink::File(_));
-    let level = match (debug, to_file) {
-        (true, _) => LevelFilter::DEBUG,
-        (false, true) => LevelFilter::INFO,
-        (false, false) => LevelFilter::WARN,
-    };
-    let level = std::env::var("RUNV_LOG_LEVEL")
-        .ok()
-        .and_then(|v| v.parse::<LevelFilter>().ok())
-        .unwrap_or(level);
+    let level = level.unwrap_or(if to_file {
+        LevelFilter::INFO
+    } else {
+        LevelFilter::WARN
+    });
     let layer = RuncLayer {
         sink: Mutex::new(sink),
         format,

@@ -1,13 +1,13 @@
 //! `runv`: a runc-compatible OCI runtime that runs each container in its own VM.
 
 mod bundle;
-mod cli;
 mod commands;
 mod console;
 mod container_id;
 mod control;
 mod hooks;
 mod host_cgroup;
+mod host_config;
 mod logging;
 mod monitor;
 mod network;
@@ -20,6 +20,7 @@ mod templates;
 use std::process::ExitCode;
 
 use clap::Parser;
+use runv_cli::cli;
 
 use cli::{Cli, Command};
 
@@ -54,14 +55,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let logs_to_file = match logging::init(cli.global.log.as_deref(), format, cli.global.debug) {
+    // The config is read before logging starts (it sets the level); its error, if any, is
+    // reported through the logger below, so that an engine's --log file shows it.
+    let host = host_config::HostConfig::load(&cli.runv, cli.global.debug);
+    let level = host.as_ref().ok().and_then(|h| h.log_filter());
+    let logs_to_file = match logging::init_level(cli.global.log.as_deref(), format, level) {
         Ok(to_file) => to_file,
         Err(e) => {
             eprintln!("runv: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    match run(cli) {
+    match host.and_then(|host| run(cli, host)) {
         Ok(code) => code,
         Err(e) => {
             let message = format!("{e:#}");
@@ -93,7 +98,7 @@ fn parse_args(args: Vec<std::ffi::OsString>) -> Cli {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, host: host_config::HostConfig) -> anyhow::Result<ExitCode> {
     use commands::create::CreateArgs;
     use commands::lifecycle::{self, RunArgs};
     use commands::query;
@@ -104,20 +109,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let ctx = commands::context::Ctx {
         store: state::Store::new(cli.global.root.as_deref()),
-        opts: cli.runv.clone(),
+        opts: host.apply(&cli.runv),
         log: cli.global.log.clone(),
         log_format: cli.global.log_format.clone(),
         debug: cli.global.debug,
         systemd_cgroup: cli.global.systemd_cgroup,
+        host,
     };
     match command {
         Command::Drivers(args) => commands::drivers::run(
             &ctx.registry(),
             &args.format,
-            cli.runv.driver.as_deref(),
-            cli.runv.storage.as_deref(),
+            ctx.opts.driver.as_deref(),
+            ctx.opts.storage.as_deref(),
         )?,
         Command::Template(args) => templates::command::run(&ctx, &args)?,
+        Command::Config(args) => match args.command {
+            cli::ConfigCommand::Show { format } => host_config::show(&ctx.host, &format)?,
+        },
         Command::Standard(cmd) => match *cmd {
             StandardCmd::Create(a) => commands::create::run(
                 &ctx,

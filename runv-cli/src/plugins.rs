@@ -3,8 +3,12 @@
 //! Search order (first match of a driver name wins; later duplicates are skipped with a warning):
 //! 1. every `--driver-dir DIR`, in the order given; else
 //! 2. the directories in `$RUNV_DRIVER_DIR` (colon-separated); else
-//! 3. `<dir of runv>/../lib/runv` (an installed prefix), `/usr/lib/runv`, and the directory of
-//!    the running binary itself (a development build in `target/<profile>/`).
+//! 3. the first of `<dir of runv>/../lib/runv` (an installed prefix), the directory of the
+//!    running binary itself (a development build in `target/<profile>/`) and `/usr/lib/runv`
+//!    that holds any plugin file. Only one: a development build must not pick up the plugins
+//!    of an installed package (its tests run while the package tests install one), and a
+//!    `/usr/local` install must not mix with a distribution's, whose plugins may be built
+//!    against another runv-api.
 //!
 //! Within a directory, files are taken in name order. Only files named `librunv_*.so` are
 //! considered. A file that cannot be loaded becomes one warning line and the rest still load.
@@ -51,20 +55,30 @@ pub fn search_dirs(cli_dirs: &[PathBuf]) -> (Vec<PathBuf>, bool) {
     if let Some(env) = std::env::var_os(ENV_DRIVER_DIR).filter(|v| !v.is_empty()) {
         return (std::env::split_paths(&env).collect(), true);
     }
-    let mut dirs = Vec::new();
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_path_buf));
-    if let Some(dir) = &exe_dir {
-        if let Some(prefix) = dir.parent() {
-            dirs.push(prefix.join("lib/runv"));
-        }
-    }
-    dirs.push(PathBuf::from(DEFAULT_SYSTEM_DIR));
+    (
+        default_dirs(exe_dir.as_deref(), Path::new(DEFAULT_SYSTEM_DIR)),
+        false,
+    )
+}
+
+/// The one default directory (see the module docs), or none when no candidate holds plugins.
+fn default_dirs(exe_dir: Option<&Path>, system_dir: &Path) -> Vec<PathBuf> {
+    let mut candidates = Vec::new();
     if let Some(dir) = exe_dir {
-        dirs.push(dir);
+        if let Some(prefix) = dir.parent() {
+            candidates.push(prefix.join("lib/runv"));
+        }
+        candidates.push(dir.to_path_buf());
     }
-    (dirs, false)
+    candidates.push(system_dir.to_path_buf());
+    candidates
+        .into_iter()
+        .find(|d| !plugin_files(d, false, &mut Vec::new()).is_empty())
+        .into_iter()
+        .collect()
 }
 
 impl Registry {
@@ -369,5 +383,42 @@ fn truncate(s: &str, max: usize) -> String {
     } else {
         let cut: String = s.chars().take(max).collect();
         format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_first_default_dir_with_plugins_is_searched() {
+        struct Cleanup(PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let base = std::env::temp_dir().join(format!("runv-plugin-dirs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let _cleanup = Cleanup(base.clone());
+        let (bin, lib, system) = (
+            base.join("p/bin"),
+            base.join("p/lib/runv"),
+            base.join("sys"),
+        );
+        for d in [&bin, &lib, &system] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(system.join("librunv_driver_a.so"), b"").unwrap();
+        // Nothing beside the binary: the system directory.
+        assert_eq!(default_dirs(Some(&bin), &system), vec![system.clone()]);
+        // A development build (plugins beside the binary) ignores the system directory.
+        fs::write(bin.join("librunv_driver_a.so"), b"").unwrap();
+        assert_eq!(default_dirs(Some(&bin), &system), vec![bin.clone()]);
+        // An installed prefix wins over both.
+        fs::write(lib.join("librunv_storage_b.so"), b"").unwrap();
+        assert_eq!(default_dirs(Some(&bin), &system), vec![lib.clone()]);
+        fs::remove_dir_all(&base).unwrap();
+        assert!(default_dirs(Some(&bin), &system).is_empty());
     }
 }

@@ -30,8 +30,16 @@ impl Docker {
             return None;
         }
         let mut sb = Sandbox::new(tag);
+        // A second runtime whose runtimeArgs name a runv config file (VMs with 2 vCPUs).
+        std::fs::write(sb.path("runv.toml"), "[vm]\nvcpus = 2\n").unwrap();
         let config = serde_json::json!({
-            "runtimes": {"runv": {"path": RUNV}},
+            "runtimes": {
+                "runv": {"path": RUNV},
+                "runv-2cpu": {
+                    "path": RUNV,
+                    "runtimeArgs": ["--config", sb.path("runv.toml")],
+                },
+            },
             // A private bridge in the sandbox's network namespace.
             "bip": "10.99.0.1/24",
         });
@@ -371,4 +379,19 @@ fn docker_security_and_resource_flags_apply_as_under_runc() {
     let monitor = engines::monitor_of(&id).expect("the container's runv monitor");
     engines::assert_vm_in_cgroup(monitor, 50000, 256 + 64 + 128);
     d.ok(&["rm", "-f", "limited"], 60);
+}
+
+#[test]
+fn docker_passes_runtime_args_to_runv() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk4") else {
+        return;
+    };
+    let out = d.ok(
+        &["run", "--rm", "--runtime", "runv-2cpu", IMAGE, "nproc"],
+        120,
+    );
+    assert_eq!(out.stdout, "2\n");
+    let out = d.ok(&["run", "--rm", "--runtime", "runv", IMAGE, "nproc"], 120);
+    assert_eq!(out.stdout, "1\n");
 }

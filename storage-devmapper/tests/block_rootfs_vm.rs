@@ -5,78 +5,26 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use runv_api::{BlockDevice, Vm, VmConfig};
 use runv_driver_qemu::QemuDriver;
 use runv_proto::client::AgentClient;
 use runv_proto::{Event, ExitStatus, Request, Rootfs, RootfsSource};
 
+#[path = "../../driver-qemu/tests/guest_vm/mod.rs"]
+mod guest_vm;
+use guest_vm::{Scratch, config, logs};
+
 const T: Duration = Duration::from_secs(90);
-
-/// A scratch directory; on drop every process with a path inside it on its command line (our
-/// qemu) is killed by pid, then the directory is removed.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("runv-dm-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn processes(&self) -> Vec<i32> {
-        let needle = self.0.to_str().unwrap().as_bytes().to_vec();
-        let mut pids = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == std::process::id() as i32 {
-                continue;
-            }
-            if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
-                if cmdline
-                    .windows(needle.len())
-                    .any(|w| w == needle.as_slice())
-                {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for pid in self.processes() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn which(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-}
-
-fn guest_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNV_GUEST_DIR") {
-        return dir.into();
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("guest")
 }
 
 fn make_rootfs(root: &Path) {
@@ -151,17 +99,6 @@ fn wait_exit(ev: &Receiver<Event>, cid: &str) -> ExitStatus {
     }
 }
 
-fn console_tail(scratch: &Scratch) -> String {
-    let read = |n: &str| fs::read_to_string(scratch.0.join(n)).unwrap_or_default();
-    let console = read("console.log");
-    let lines: Vec<&str> = console.lines().collect();
-    format!(
-        "--- qemu.log ---\n{}\n--- console.log (tail) ---\n{}",
-        read("qemu.log"),
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    )
-}
-
 /// Reads a file out of an ext4 image on the host, without mounting it.
 fn debugfs_cat(image: &Path, path: &str) -> String {
     let out = Command::new("debugfs")
@@ -184,14 +121,6 @@ fn container_runs_from_an_ext4_disk() {
         eprintln!("skipped: no /bin/busybox (busybox-static)");
         return;
     }
-    let guest = guest_dir();
-    let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
-    assert!(
-        kernel.exists() && initrd.exists(),
-        "{} has no vmlinux/initrd.img: run `cargo xtask guest` first",
-        guest.display()
-    );
-
     let scratch = Scratch::new("blkvm");
     let rootfs = scratch.0.join("rootfs");
     make_rootfs(&rootfs);
@@ -206,28 +135,18 @@ fn container_runs_from_an_ext4_disk() {
     assert!(st.success(), "mkfs.ext4 failed: {st}");
 
     let config = VmConfig {
-        version: runv_api::VM_CONFIG_VERSION,
-        name: "blkvm".into(),
-        vcpus: 1,
-        memory_mib: 256,
-        kernel,
-        initrd: Some(initrd),
-        kernel_params: "quiet".into(),
-        state_dir: scratch.0.join("state"),
-        console_log: scratch.0.join("console.log"),
-        log_file: Some(scratch.0.join("qemu.log")),
         block_devices: vec![BlockDevice {
             id: "rootfs".into(),
             host_path: image.clone(),
             readonly: false,
         }],
-        ..Default::default()
+        ..config(&scratch, "blkvm")
     };
     let vm = QemuDriver::new()
         .start(&config)
-        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", console_tail(&scratch)));
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
     let agent = AgentClient::connect(vm.take_agent_channel().unwrap(), T)
-        .unwrap_or_else(|e| panic!("agent handshake: {e}\n{}", console_tail(&scratch)));
+        .unwrap_or_else(|e| panic!("agent handshake: {e}\n{}", logs(&scratch)));
     let ev = agent.subscribe();
 
     let (out, err) = (Buf::default(), Buf::default());
@@ -259,7 +178,7 @@ fn container_runs_from_an_ext4_disk() {
             },
             T,
         )
-        .unwrap_or_else(|e| panic!("create b1: {e}\n{}", console_tail(&scratch)));
+        .unwrap_or_else(|e| panic!("create b1: {e}\n{}", logs(&scratch)));
     agent
         .request(Request::StartContainer { id: "b1".into() }, T)
         .unwrap();

@@ -41,10 +41,11 @@ pub fn make_bundle(runv: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<()>
     Ok(())
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    if !args.is_empty() {
-        bail!("demo takes no arguments");
-    }
+/// `cargo xtask demo` takes no arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
     let root = workspace_root()?;
     let runv = root.join("target/release/runv");
     if !runv.exists() {

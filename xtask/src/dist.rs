@@ -8,51 +8,20 @@ use anyhow::{Context, bail};
 
 use crate::{run_cmd, workspace_root};
 
-struct Options {
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// where to install (bin/runv, lib/runv/*.so, share/runv/*)
+    #[arg(long, value_name = "DIR")]
     prefix: PathBuf,
+    /// plugins to install, by name (default: every built driver but the example)
+    #[arg(long, value_name = "a,b,...", value_delimiter = ',')]
     drivers: Option<Vec<String>>,
+    /// which build to install
+    #[arg(long, default_value = "release", value_parser = ["release", "dev"])]
     profile: String,
-    build: bool,
-}
-
-fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut prefix = None;
-    let mut drivers = None;
-    let mut profile = "release".to_string();
-    let mut build = true;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--prefix" => prefix = Some(PathBuf::from(value("--prefix")?)),
-            "--drivers" => {
-                drivers = Some(
-                    value("--drivers")?
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                )
-            }
-            "--profile" => profile = value("--profile")?,
-            "--no-build" => build = false,
-            other => bail!("dist: unknown argument {other:?}"),
-        }
-    }
-    let prefix = prefix.context("dist needs --prefix DIR")?;
-    if profile != "release" && profile != "dev" {
-        bail!("--profile must be release or dev, not {profile:?}");
-    }
-    Ok(Options {
-        prefix,
-        drivers,
-        profile,
-        build,
-    })
+    /// install what is built, without running cargo build first
+    #[arg(long)]
+    no_build: bool,
 }
 
 /// A plugin file's driver name: `librunv_driver_kvm_native.so` → `kvm-native`.
@@ -64,10 +33,13 @@ fn plugin_name(file_name: &str) -> Option<String> {
     Some(name.replace('_', "-"))
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let opts = parse(args)?;
+pub fn run(mut opts: Args) -> anyhow::Result<()> {
+    // `--drivers a,,b` or a trailing comma: empty names mean nothing.
+    if let Some(d) = &mut opts.drivers {
+        d.retain(|s| !s.is_empty());
+    }
     let root = workspace_root()?;
-    if opts.build {
+    if !opts.no_build {
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build.current_dir(&root).args([
             "build",
@@ -182,17 +154,23 @@ mod tests {
         assert_eq!(plugin_name("librunv_other_x.so"), None);
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("dist").chain(args.iter().copied())).map(|c| c.args)
+    }
+
     #[test]
     fn prefix_is_required() {
         assert!(parse(&[]).is_err());
-        assert!(parse(&["--prefix".into()]).is_err());
-        let o = parse(&[
-            "--prefix".into(),
-            "/p".into(),
-            "--drivers".into(),
-            "a,b".into(),
-        ])
-        .unwrap();
+        assert!(parse(&["--prefix"]).is_err());
+        let o = parse(&["--prefix", "/p", "--drivers", "a,b"]).unwrap();
         assert_eq!(o.drivers.unwrap(), vec!["a", "b"]);
+        assert!(parse(&["--prefix", "/p", "--profile", "fast"]).is_err());
     }
 }

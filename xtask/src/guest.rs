@@ -86,19 +86,16 @@ pub fn build_agent_static() -> Result<PathBuf> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/runv-agent"))
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let mut kernel: Option<PathBuf> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--kernel" => kernel = Some(it.next().context("--kernel needs a path")?.into()),
-            "-h" | "--help" => {
-                println!("usage: cargo xtask guest [--kernel PATH-to-bzImage]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?}; usage: cargo xtask guest [--kernel PATH]"),
-        }
-    }
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// a bzImage to use instead of Debian's linux-image-amd64 (its modules come from
+    /// /lib/modules/<its release>)
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let kernel = args.kernel;
     let out = workspace_root().join("target/guest");
     let cache = out.join("cache");
     std::fs::create_dir_all(&cache)?;

@@ -1,55 +1,66 @@
 //! `cargo xtask <task>`: building the guest image, packaging, and test entry points.
 
 mod bench;
+mod deb;
 mod demo;
 mod dist;
+mod docs;
 mod guest;
 mod vmtest;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
 
-const USAGE: &str = "usage: cargo xtask <task> [args]
+/// runv's build, packaging, test and benchmark tasks.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
 
-tasks:
-  demo  boot a busybox container in a VM with the default driver (needs a release build)
-  guest [--kernel PATH]
-        build the guest kernel + initrd into target/guest (Debian's kernel when no --kernel)
-  dist --prefix DIR [--drivers a,b,...] [--profile release|dev] [--no-build]
-        install bin/runv, the chosen plugins under lib/runv and the guest files under
-        share/runv (default: every built driver but the example)
-  bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only]
-        interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc;
-        section 7 compares kvm-native with qemu-kvm inside the test host
-  vmtest [--no-build] [--timeout S] [--boot-timeout S] [--out DIR] [--keep] -- COMMAND...
-        run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
-";
+// A new task is a module with a `#[derive(clap::Args)] pub struct Args` and a
+// `pub fn run(Args)`, one variant here and one arm in `run` below.
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Boot a busybox container in a VM with the default driver (needs a release build)
+    Demo(demo::Args),
+    /// Build the guest kernel + initrd into target/guest (Debian's kernel when no --kernel)
+    Guest(guest::Args),
+    /// Install bin/runv, the chosen plugins under lib/runv and the guest files under share/runv
+    Dist(dist::Args),
+    /// Interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc
+    Bench(bench::Args),
+    /// Run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
+    Vmtest(vmtest::Args),
+    /// Build Debian packages: runv and one per plugin (dpkg-deb), into target/deb
+    Deb(deb::Args),
+    /// Generate runv's man pages (runv.1, runv-<command>.1) from its clap definitions
+    Man(docs::ManArgs),
+    /// Generate runv's bash, zsh and fish completions (bash also completes container ids)
+    Completions(docs::CompletionsArgs),
+}
 
 fn main() {
-    if let Err(e) = run() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.task) {
         eprintln!("xtask: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((task, rest)) = args.split_first() else {
-        print!("{USAGE}");
-        bail!("no task given");
-    };
-    match task.as_str() {
-        "bench" => bench::run(rest),
-        "dist" => dist::run(rest),
-        "demo" => demo::run(rest),
-        "guest" => guest::run(rest),
-        "vmtest" => vmtest::run(rest),
-        "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(())
-        }
-        other => bail!("unknown task {other:?}\n{USAGE}"),
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Demo(args) => demo::run(args),
+        Task::Guest(args) => guest::run(args),
+        Task::Dist(args) => dist::run(args),
+        Task::Bench(args) => bench::run(args),
+        Task::Vmtest(args) => vmtest::run(args),
+        Task::Deb(args) => deb::run(args),
+        Task::Man(args) => docs::run_man(args),
+        Task::Completions(args) => docs::run_completions(args),
     }
 }
 

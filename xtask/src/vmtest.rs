@@ -53,9 +53,6 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
-const USAGE: &str = "usage: cargo xtask vmtest [--no-build] [--timeout SECS] [--boot-timeout SECS]
-                          [--memory MIB] [--out DIR] [--keep] [--verbose] -- COMMAND [ARGS...]";
-
 /// Modules the initramfs loads to reach the real root (their dependencies are added).
 const INITRAMFS_MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p", "overlay"];
 
@@ -85,6 +82,41 @@ fn passed_env(name: &str) -> bool {
 const EXIT_TIMEOUT: i32 = 124;
 const EXIT_INFRA: i32 = 125;
 
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// use target/debug as it is, without running cargo build first
+    #[arg(long)]
+    no_build: bool,
+    /// seconds the command may run
+    #[arg(long, value_name = "SECS", default_value = "900", value_parser = secs)]
+    timeout: Duration,
+    /// seconds the test host may take to reach the command
+    #[arg(long, value_name = "SECS", default_value = "180", value_parser = secs)]
+    boot_timeout: Duration,
+    /// the test host's memory
+    #[arg(long = "memory", value_name = "MIB", default_value_t = 4096)]
+    memory_mib: u64,
+    /// a host directory shared writable at $VMTEST_OUT, for results that must survive
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// keep the scratch directory (generated stage, console log)
+    #[arg(long)]
+    keep: bool,
+    /// show the test host's console and QEMU's command line
+    #[arg(short, long)]
+    verbose: bool,
+    /// the command and its arguments (after `--`, or from the first word that is not an option)
+    #[arg(value_name = "COMMAND", required = true, trailing_var_arg = true)]
+    command: Vec<String>,
+}
+
+fn secs(v: &str) -> Result<Duration, String> {
+    v.parse()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("bad number of seconds {v:?}"))
+}
+
+/// The options as the test host reads them.
 struct Options {
     build: bool,
     timeout: Duration,
@@ -96,65 +128,24 @@ struct Options {
     command: Vec<String>,
 }
 
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        build: true,
-        timeout: Duration::from_secs(900),
-        boot_timeout: Duration::from_secs(180),
-        memory_mib: 4096,
-        out: None,
-        keep: false,
-        verbose: false,
-        command: Vec::new(),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |what: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{a} needs {what}\n{USAGE}"))
-        };
-        let secs = |v: String| -> Result<Duration> {
-            Ok(Duration::from_secs(
-                v.parse()
-                    .with_context(|| format!("{a}: bad number {v:?}"))?,
-            ))
-        };
-        match a.as_str() {
-            "--no-build" => o.build = false,
-            "--timeout" => o.timeout = secs(value("seconds")?)?,
-            "--boot-timeout" => o.boot_timeout = secs(value("seconds")?)?,
-            "--memory" => {
-                let v = value("MiB")?;
-                o.memory_mib = v.parse().with_context(|| format!("--memory: {v:?}"))?;
-            }
-            "--out" => o.out = Some(PathBuf::from(value("a directory")?)),
-            "--keep" => o.keep = true,
-            "--verbose" | "-v" => o.verbose = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--" => {
-                o.command = it.cloned().collect();
-                break;
-            }
-            other if other.starts_with('-') => bail!("unknown option {other:?}\n{USAGE}"),
-            _ => {
-                o.command = std::iter::once(a.clone()).chain(it.cloned()).collect();
-                break;
-            }
+impl From<Args> for Options {
+    fn from(a: Args) -> Self {
+        Options {
+            build: !a.no_build,
+            timeout: a.timeout,
+            boot_timeout: a.boot_timeout,
+            memory_mib: a.memory_mib,
+            out: a.out,
+            keep: a.keep,
+            verbose: a.verbose,
+            command: a.command,
         }
     }
-    if o.command.is_empty() {
-        bail!("no command given\n{USAGE}");
-    }
-    Ok(o)
 }
 
 /// Entry point: exits with the command's status (124 timeout, 125 test-host failure).
-pub fn run(args: &[String]) -> Result<()> {
-    let opts = parse(args)?;
+pub fn run(args: Args) -> Result<()> {
+    let opts = Options::from(args);
     let code = match run_in_test_host(&opts) {
         Ok(Outcome::Exited(0)) => return Ok(()),
         Ok(Outcome::Exited(n)) => n,
@@ -881,6 +872,18 @@ mod tests {
 
     fn strs(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(args: &[String]) -> Result<Options, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("vmtest".to_string()).chain(args.iter().cloned()))
+            .map(|c| Options::from(c.args))
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub struct Ctx {
     pub debug: bool,
     /// `--systemd-cgroup`: linux.cgroupsPath is `slice:prefix:name`, managed through systemd.
     pub systemd_cgroup: bool,
+    /// The host configuration; `opts` already holds its driver, storage and accel.
+    pub host: crate::host_config::HostConfig,
 }
 
 impl Ctx {

@@ -54,19 +54,10 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
     let storage = registry.choose_storage(ctx.opts.storage.as_deref())?;
     let info = hypervisor.client.info();
     let vm = bundle.vm_section();
-    let (kernel, initrd) = bundle::guest_files(&ctx.opts, &vm)?;
-    let (vcpus, memory_mib) = bundle.vm_size();
+    let (kernel, initrd) = bundle::guest_files(&ctx.opts, &vm, &ctx.host)?;
+    let (vcpus, memory_mib) = bundle.vm_size(ctx.host.vcpus.value, ctx.host.memory_mib.value);
 
-    let mut parameters = vm.hypervisor_params.clone();
-    if let Some(accel) = &ctx.opts.accel {
-        if accel != "kvm" && accel != "tcg" {
-            bail!("invalid --accel {accel:?}: want kvm or tcg");
-        }
-        parameters.insert("accel".into(), accel.clone());
-    }
-    if let Some(path) = &vm.hypervisor_path {
-        parameters.insert(info.name.to_string(), path.display().to_string());
-    }
+    let parameters = hypervisor_parameters(ctx, info.name.as_str(), &vm)?;
     let kernel_params = kernel_params(&vm, ctx.debug);
     let agent_timeout_secs = agent_timeout()?;
 
@@ -128,6 +119,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             &dir,
             bundle.terminal,
             Duration::from_secs(agent_timeout_secs + 60),
+            ctx.host.log_level.value.as_deref(),
         )?;
         if let Some(pid_file) = args.pid_file {
             write_pid_file(pid_file, child.id())?;
@@ -213,10 +205,19 @@ pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
 /// Starts `runv __monitor DIR` with our stdio and waits until it reports ready or failed.
 /// With a terminal the container's stdio is the pty, and the monitor must not hold ours:
 /// engines (go-runc) read create's output until EOF when a console socket is used.
-fn spawn_monitor(dir: &Path, terminal: bool, timeout: Duration) -> anyhow::Result<Child> {
+fn spawn_monitor(
+    dir: &Path,
+    terminal: bool,
+    timeout: Duration,
+    log_level: Option<&str>,
+) -> anyhow::Result<Child> {
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating a pipe")?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("__monitor").arg(dir);
+    // The monitor logs at the level this runv resolved (it may come from the config file).
+    if let Some(level) = log_level {
+        cmd.env("RUNV_LOG_LEVEL", level);
+    }
     if terminal {
         cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -279,4 +280,39 @@ fn read_ready(fd: OwnedFd, timeout: Duration) -> anyhow::Result<String> {
         .read_to_string(&mut message)
         .context("reading the monitor's report")?;
     Ok(message.trim().to_string())
+}
+
+/// The driver's parameters for a container: host defaults (file, env) first, the spec's over
+/// them, `--accel` over all. Templates key on the same, so they use this too.
+pub fn hypervisor_parameters(
+    ctx: &Ctx,
+    driver: &str,
+    vm: &bundle::VmSection,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    // Host defaults (file, env) first, the spec's parameters over them, --accel over all.
+    let mut parameters: std::collections::BTreeMap<String, String> = ctx
+        .host
+        .driver_parameters
+        .get(driver)
+        .map(|p| {
+            p.iter()
+                .map(|(k, s)| (k.clone(), s.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let accel_flag = matches!(ctx.host.accel.source, crate::host_config::Source::Flag(_));
+    if let (Some(accel), false) = (&ctx.opts.accel, accel_flag) {
+        parameters.insert("accel".into(), accel.clone());
+    }
+    parameters.extend(vm.hypervisor_params.clone());
+    if let (Some(accel), true) = (&ctx.opts.accel, accel_flag) {
+        if accel != "kvm" && accel != "tcg" {
+            bail!("invalid --accel {accel:?}: want kvm or tcg");
+        }
+        parameters.insert("accel".into(), accel.clone());
+    }
+    if let Some(path) = &vm.hypervisor_path {
+        parameters.insert(driver.to_string(), path.display().to_string());
+    }
+    Ok(parameters)
 }

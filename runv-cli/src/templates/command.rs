@@ -1,70 +1,14 @@
 //! `runv template create|list|rm`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::bail;
-use clap::{Args, Subcommand};
 
 use super::build::{self, Request};
 use super::{Meta, Store, store_dir, validate_name};
 use crate::bundle::{self, Bundle, VmSection};
 use crate::commands::context::Ctx;
-
-#[derive(Args, Debug)]
-pub struct TemplateArgs {
-    #[command(subcommand)]
-    pub command: TemplateCommand,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum TemplateCommand {
-    /// boot a VM of the given shape to agent-ready and save it as a template
-    Create(CreateArgs),
-    /// list the templates in the store
-    List(ListArgs),
-    /// remove templates (containers running from them are not affected)
-    Rm(RmArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct CreateArgs {
-    /// a name to use with --template NAME
-    #[arg(long)]
-    pub name: Option<String>,
-    /// take the VM size, kernel and hypervisor settings from this bundle's config.json
-    #[arg(long, short)]
-    pub bundle: Option<PathBuf>,
-    /// vCPUs (default: the bundle's, else 1)
-    #[arg(long)]
-    pub vcpus: Option<u32>,
-    /// guest memory in MiB (default: the bundle's, else 128)
-    #[arg(long = "memory-mib")]
-    pub memory_mib: Option<u64>,
-    /// network interfaces, as many as the containers' network namespaces have
-    #[arg(long, default_value_t = 0)]
-    pub nics: usize,
-    /// for containers with bind mounts of host paths (they add a shared directory)
-    #[arg(long)]
-    pub volumes: bool,
-    /// output format: table or json
-    #[arg(short, long, default_value = "table")]
-    pub format: String,
-}
-
-#[derive(Args, Debug)]
-pub struct ListArgs {
-    /// output format: table or json
-    #[arg(short, long, default_value = "table")]
-    pub format: String,
-}
-
-#[derive(Args, Debug)]
-pub struct RmArgs {
-    /// template names or keys
-    #[arg(required = true)]
-    pub templates: Vec<String>,
-}
+use runv_cli::cli::{CreateArgs, TemplateArgs, TemplateCommand};
 
 fn check_format(format: &str) -> anyhow::Result<bool> {
     match format {
@@ -108,21 +52,16 @@ fn create(ctx: &Ctx, dir: PathBuf, a: &CreateArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(Bundle::vm_section)
         .unwrap_or_else(VmSection::default);
-    let (kernel, initrd) = bundle::guest_files(&ctx.opts, &vm)?;
+    let (kernel, initrd) = bundle::guest_files(&ctx.opts, &vm, &ctx.host)?;
+    let (default_vcpus, default_memory) = (ctx.host.vcpus.value, ctx.host.memory_mib.value);
     let (bundle_vcpus, bundle_memory) = bundle
         .as_ref()
-        .map(Bundle::vm_size)
-        .unwrap_or((bundle::DEFAULT_VCPUS, bundle::DEFAULT_MEMORY_MIB));
+        .map(|b| b.vm_size(default_vcpus, default_memory))
+        .unwrap_or((default_vcpus, default_memory));
     let registry = ctx.registry();
     let hypervisor = registry.choose_hypervisor(ctx.opts.driver.as_deref())?;
     let info = hypervisor.client.info();
-    let mut parameters: BTreeMap<String, String> = vm.hypervisor_params.clone();
-    if let Some(accel) = &ctx.opts.accel {
-        parameters.insert("accel".into(), accel.clone());
-    }
-    if let Some(path) = &vm.hypervisor_path {
-        parameters.insert(info.name.to_string(), path.display().to_string());
-    }
+    let parameters = crate::commands::create::hypervisor_parameters(ctx, info.name.as_str(), &vm)?;
     let mut shares = vec![crate::monitor::ROOTFS_TAG.to_string()];
     if a.volumes {
         shares.push(crate::monitor::volumes::TAG.to_string());

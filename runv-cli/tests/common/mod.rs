@@ -61,7 +61,9 @@ impl Env {
 
     pub fn runv(&self) -> Command {
         let mut cmd = Command::new(RUNV);
+        // No host config file: the tests must not depend on this machine's /etc/runv.
         cmd.env_remove("RUNV_DRIVER_DIR")
+            .env("RUNV_CONFIG", "/dev/null")
             .env("RUNV_AGENT_TIMEOUT", "120")
             .arg("--root")
             .arg(&self.root);

@@ -29,6 +29,40 @@ const STDOUT_MIB: u64 = 256;
 const IDLE_MANY: usize = 10;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// print the report as JSON
+    #[arg(long)]
+    json: bool,
+    /// rounds per measurement
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+    runs: usize,
+    /// configurations to measure: drivers, or driver+storage (e.g. qemu,qemu+overlay)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    drivers: Option<Vec<String>>,
+    /// use the release build as it is, without running cargo build first
+    #[arg(long)]
+    no_build: bool,
+    /// skip section 7 (kvm-native against qemu-kvm inside the test host)
+    #[arg(long, conflicts_with = "nested_only")]
+    no_nested: bool,
+    /// run section 7 only
+    #[arg(long)]
+    nested_only: bool,
+    /// only the floor, the first driver's cold and warm (template) starts, phases and memory
+    #[arg(long, conflicts_with = "nested_only")]
+    warm_only: bool,
+}
+
+fn at_least_one(v: &str) -> Result<usize, String> {
+    match v.parse() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{v:?} is not a number")),
+    }
+}
+
+/// The options as the bench reads them.
 struct Opts {
     json: bool,
     runs: usize,
@@ -40,45 +74,18 @@ struct Opts {
     warm_only: bool,
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        json: false,
-        runs: 5,
-        drivers: None,
-        build: true,
-        nested: true,
-        nested_only: false,
-        warm_only: false,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--json" => o.json = true,
-            "--no-build" => o.build = false,
-            "--no-nested" => o.nested = false,
-            "--nested-only" => o.nested_only = true,
-            "--warm-only" => {
-                o.warm_only = true;
-                o.nested = false;
-            }
-            "--runs" => {
-                o.runs = it
-                    .next()
-                    .context("--runs needs a number")?
-                    .parse()
-                    .context("--runs needs a number")?;
-                if o.runs == 0 {
-                    bail!("--runs must be at least 1");
-                }
-            }
-            "--drivers" => {
-                let v = it.next().context("--drivers needs a list")?;
-                o.drivers = Some(v.split(',').map(str::to_string).collect());
-            }
-            other => bail!("bench: unknown argument {other:?}"),
+impl From<Args> for Opts {
+    fn from(a: Args) -> Self {
+        Opts {
+            json: a.json,
+            runs: a.runs,
+            drivers: a.drivers,
+            build: !a.no_build,
+            nested: !a.no_nested && !a.warm_only,
+            nested_only: a.nested_only,
+            warm_only: a.warm_only,
         }
     }
-    Ok(o)
 }
 
 /// Everything the bench made, removed by `Drop` whatever happened.
@@ -363,8 +370,8 @@ struct Bench {
     seq: usize,
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let opts = parse_opts(args)?;
+pub fn run(args: Args) -> Result<()> {
+    let opts = Opts::from(args);
     let ws = crate::workspace_root()?;
     if opts.build {
         eprintln!("bench: cargo build --release --workspace");
