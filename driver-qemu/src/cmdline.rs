@@ -237,6 +237,13 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
     params.join(" ")
 }
 
+/// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
+/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. QEMU
+/// runs as root all the same, because its devices need it: the 9p shares (security_model=none)
+/// write files as any guest uid into root-owned rootfs and volumes, and `ifname=` taps need
+/// CAP_NET_ADMIN to attach. `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The arguments for `qemu-system-x86_64` (without the program name).
 pub fn build_args(
     config: &VmConfig,
@@ -246,6 +253,7 @@ pub fn build_args(
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-sandbox", SANDBOX]);
     if !config.name.is_empty() {
         push(&["-name", &escape(&config.name)]);
     }
@@ -430,6 +438,7 @@ mod tests {
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(a.iter().any(|x| x == flag), "{flag} missing: {a:?}");
         }
+        assert_eq!(values(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(values(&a, "-M"), ["microvm,acpi=on"]);
         assert_eq!(values(&a, "-accel"), ["tcg,tb-size=32"]);
         assert_eq!(values(&a, "-m"), ["128M"]);
