@@ -12,6 +12,7 @@ PACKAGES=(
     pkg-config
     libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)
     dmsetup           # storage-devmapper (thin pool and snapshots)
+    afl++             # `cargo xtask fuzz`: coverage-guided fuzzing on the stable toolchain
 )
 
 missing=()

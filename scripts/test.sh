@@ -55,3 +55,6 @@ in_test_host() {
 in_test_host storage-devmapper devmapper
 in_test_host runv-cli devmapper_storage
 in_test_host driver-kvmtool plumbing
+
+echo "== fuzz (short: 20 s per target; \`cargo xtask fuzz --time 10m\` is the real run)"
+cargo xtask fuzz --time 100s

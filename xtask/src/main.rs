@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod dist;
+mod fuzz;
 mod guest;
 mod vmtest;
 
@@ -24,6 +25,8 @@ tasks:
         section 7 compares kvm-native with qemu-kvm inside the test host
   vmtest [--no-build] [--timeout S] [--boot-timeout S] [--out DIR] [--keep] -- COMMAND...
         run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
+  fuzz [--time 10m] [--target NAME]... [--no-build] [--out DIR]
+        AFL++ on the protocol decoders and state parsers (fuzz/), the time shared by targets
 ";
 
 fn main() {
@@ -45,6 +48,7 @@ fn run() -> anyhow::Result<()> {
         "demo" => demo::run(rest),
         "guest" => guest::run(rest),
         "vmtest" => vmtest::run(rest),
+        "fuzz" => fuzz::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
