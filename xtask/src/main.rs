@@ -5,6 +5,7 @@ mod demo;
 mod dist;
 mod fuzz;
 mod guest;
+mod soak;
 mod vmtest;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ tasks:
         run COMMAND in a test-host VM (TCG, -cpu EPYC,+svm) with a working nested /dev/kvm
   fuzz [--time 10m] [--target NAME]... [--no-build] [--out DIR]
         AFL++ on the protocol decoders and state parsers (fuzz/), the time shared by targets
+  soak --cycles N [--faults] [--seed S] [--no-build] [--keep-going]
+        N real-VM lifecycles, with random kills, stops, races and damaged state; checks leaks
 ";
 
 fn main() {
@@ -49,6 +52,7 @@ fn run() -> anyhow::Result<()> {
         "guest" => guest::run(rest),
         "vmtest" => vmtest::run(rest),
         "fuzz" => fuzz::run(rest),
+        "soak" => soak::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
