@@ -58,3 +58,6 @@ in_test_host driver-kvmtool plumbing
 
 echo "== fuzz (short: 20 s per target; \`cargo xtask fuzz --time 10m\` is the real run)"
 cargo xtask fuzz --time 100s
+
+echo "== soak (short: 8 lifecycles with random faults; see the README for the long run)"
+cargo xtask soak --cycles 8 --faults --no-build
