@@ -131,10 +131,9 @@ impl Agent {
                     // here instead of dying, the host can retry.
                     if let Err(e) = spawned {
                         crate::warn!("request {id}: {e}");
-                        let _ = self.mux.send_message(&Message::Response {
-                            id,
-                            result: Err(e),
-                        });
+                        let _ = self
+                            .mux
+                            .send_message(&Message::Response { id, result: Err(e) });
                         if shutdown {
                             self.power_off();
                         }
@@ -320,7 +319,9 @@ impl Agent {
             }
         };
         let Some((seccomp, cgroup)) = security else {
-            return Err(err("internal: no container settings after the helper started"));
+            return Err(err(
+                "internal: no container settings after the helper started",
+            ));
         };
         let pid = spawned.proc_.pid;
         let exited = Arc::clone(&spawned.proc_.exited);

@@ -14,11 +14,7 @@ fn a_fork_bomb_leaves_the_agent_exec_kill_and_delete_working() {
     // fork again and the container stays up while the bomb fills its pids).
     let bundle = env.bundle(
         "b",
-        &[
-            "sh",
-            "-c",
-            "sh -c 'b(){ b|b& }; b' & exec sleep 100000",
-        ],
+        &["sh", "-c", "sh -c 'b(){ b|b& }; b' & exec sleep 100000"],
     );
     let (status, _, err) = env.run_files(
         env.runv()
