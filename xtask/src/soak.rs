@@ -404,7 +404,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     for (pid, _) in procs_with(&dir.to_string_lossy()) {
         signal(pid, "KILL");
     }
-    let _ = fs::remove_dir_all(&dir);
+    // Keep the logs of failed creates (`state/.failed`) when something went wrong.
+    let failed = r.is_err() || counts.values().sum::<u64>() > 0;
+    if failed {
+        println!("soak: kept {} for its logs", dir.display());
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
     let mins = started.elapsed().as_secs_f64() / 60.0;
     println!("soak: {:.1} min, faults {faults:?}", mins);
     let total = |k: &str| counts.get(k).copied().unwrap_or(0);
