@@ -14,6 +14,7 @@ PACKAGES=(
     dmsetup           # storage-devmapper (thin pool and snapshots)
     man-db bash-completion   # tests of the generated man pages and completions
     dpkg-dev lintian  # cargo xtask deb (dpkg-deb, dpkg-shlibdeps) and its checks
+    afl++             # `cargo xtask fuzz`: coverage-guided fuzzing on the stable toolchain
 )
 
 missing=()

@@ -57,3 +57,9 @@ in_test_host runv-cli devmapper_storage
 in_test_host driver-kvmtool plumbing
 # The test host is a cgroup v2 host (this machine is a v1/v2 hybrid): the VM's host cgroup there.
 in_test_host runv-cli host_cgroup
+
+echo "== fuzz (short: 20 s per target; \`cargo xtask fuzz --time 10m\` is the real run)"
+cargo xtask fuzz --time 100s
+
+echo "== soak (short: 8 lifecycles with random faults; see the README for the long run)"
+cargo xtask soak --cycles 8 --faults --no-build

@@ -13,6 +13,7 @@
 //!   directories: the core turns a directory rootfs into an image for this driver.
 //! * The guest ends the VM by rebooting (`runv.exit=reboot`, `reboot=k`): the i8042 reset.
 //! * pause/resume park the vCPUs between two KVM_RUNs.
+//! * The vCPU and device threads run under seccomp allow-lists ([`sandbox`]).
 
 pub mod acpi;
 pub mod boot;
@@ -23,6 +24,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod layout;
 pub mod probe;
+pub mod sandbox;
 pub mod tap;
 pub mod vcpu;
 pub mod virtio;

@@ -53,9 +53,18 @@ pub fn create(kvm: &Kvm, vm: &VmFd, index: u8, count: u8, entry: Entry) -> Resul
 }
 
 /// Runs the vCPU until the VM ends, then says why if it was this vCPU that ended it.
-pub fn run(mut vcpu: VcpuFd, index: u8, bus: Arc<Bus>, control: Arc<Control>) {
+pub fn run(
+    mut vcpu: VcpuFd,
+    index: u8,
+    bus: Arc<Bus>,
+    control: Arc<Control>,
+    filter: &seccompiler::BpfProgram,
+) {
     control::unblock_kick();
     control.vcpu_started();
+    if let Err(e) = crate::sandbox::apply(filter) {
+        control.request_exit(format!("vCPU {index}: {e}"));
+    }
     while control.vcpu_may_run() {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),

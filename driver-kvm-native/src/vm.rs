@@ -203,11 +203,20 @@ impl KvmVm {
                 .spawn(f)
                 .map_err(|e| format!("starting thread {name}: {e}"))
         };
-        let event_thread = spawn("kvm-devices".into(), Box::new(move || events.run()))?;
+        let filters = crate::sandbox::filters()?;
+        let (device_filter, device_control) = (filters.devices, control.clone());
+        let event_thread = spawn(
+            "kvm-devices".into(),
+            Box::new(move || match crate::sandbox::apply(&device_filter) {
+                Ok(()) => events.run(),
+                Err(e) => device_control.request_exit(format!("device thread: {e}")),
+            }),
+        )?;
         let mut threads = Vec::new();
         for (i, fd) in vcpus.into_iter().enumerate() {
             let (bus, vcpu_control) = (bus.clone(), control.clone());
-            let run = move || vcpu::run(fd, i as u8, bus, vcpu_control);
+            let filter = filters.vcpu.clone();
+            let run = move || vcpu::run(fd, i as u8, bus, vcpu_control, &filter);
             match spawn(format!("kvm-vcpu{i}"), Box::new(run)) {
                 Ok(t) => threads.push(t),
                 Err(e) => {

@@ -237,6 +237,18 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
     params.join(" ")
 }
 
+/// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
+/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. QEMU
+/// runs as root all the same, because its devices need it: the 9p shares (security_model=none)
+/// write files as any guest uid into root-owned rootfs and volumes, and `ifname=` taps need
+/// CAP_NET_ADMIN to attach. `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The same for a template VM or a clone, which save or load their device state through an
+/// `exec:cat` migration URI: spawning is allowed for those until the migration goes through
+/// an `fd:` handed over QMP (getfd) instead.
+pub const SANDBOX_TEMPLATING: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny";
+
 /// The arguments for `qemu-system-x86_64` (without the program name).
 pub fn build_args(
     config: &VmConfig,
@@ -246,6 +258,15 @@ pub fn build_args(
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    let templating = config.memory_file.is_some() || config.restore_from.is_some();
+    push(&[
+        "-sandbox",
+        if templating {
+            SANDBOX_TEMPLATING
+        } else {
+            SANDBOX
+        },
+    ]);
     if !config.name.is_empty() {
         push(&["-name", &escape(&config.name)]);
     }
@@ -436,6 +457,7 @@ mod tests {
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(a.iter().any(|x| x == flag), "{flag} missing: {a:?}");
         }
+        assert_eq!(values(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(values(&a, "-M"), ["microvm,acpi=on"]);
         assert_eq!(values(&a, "-accel"), ["tcg,tb-size=32"]);
         assert_eq!(values(&a, "-m"), ["128M"]);

@@ -43,7 +43,60 @@ pub fn init() -> Result<(), String> {
         let f = Path::new(dir).join("cgroup.subtree_control");
         std::fs::write(&f, enable.trim()).map_err(|e| format!("write {}: {e}", f.display()))?;
     }
-    Ok(())
+    reserve_for_agent()
+}
+
+/// Memory kept out of the containers' reach for the agent, its threads and the kernel: an
+/// OOM inside `runv/` kills container processes, never PID 1 (whose death panics the guest).
+pub const AGENT_MEMORY_RESERVE: u64 = 24 << 20;
+
+/// Tasks kept out of the containers' reach: kernel threads and the agent's own threads count
+/// against the guest's `threads-max` too (~950 in a 128 MiB guest), and the agent needs a
+/// thread per request.
+pub const AGENT_TASK_RESERVE: u64 = 128;
+
+/// Caps everything under `runv/` below what the guest has, so containers together cannot
+/// take the memory or the task slots the agent needs.
+fn reserve_for_agent() -> Result<(), String> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let threads_max = std::fs::read_to_string("/proc/sys/kernel/threads-max").unwrap_or_default();
+    let (memory, tasks) = parent_limits(&meminfo, &threads_max);
+    let write = |file: &str, value: Option<u64>| match value {
+        Some(v) => {
+            let p = Path::new(PARENT).join(file);
+            std::fs::write(&p, v.to_string())
+                .map_err(|e| format!("write {v} to {}: {e}", p.display()))
+        }
+        None => Ok(()),
+    };
+    write("memory.max", memory)?;
+    write("pids.max", tasks)
+}
+
+/// The `runv/` group's memory.max and pids.max from /proc/meminfo and threads-max (None
+/// where unknown): the reserves above, or half of a guest too small for them.
+fn parent_limits(meminfo: &str, threads_max: &str) -> (Option<u64>, Option<u64>) {
+    let total = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024);
+    let memory = total.map(|t| {
+        if t > 2 * AGENT_MEMORY_RESERVE {
+            t - AGENT_MEMORY_RESERVE
+        } else {
+            t / 2
+        }
+    });
+    let tasks = threads_max.trim().parse::<u64>().ok().map(|t| {
+        if t > 2 * AGENT_TASK_RESERVE {
+            t - AGENT_TASK_RESERVE
+        } else {
+            t / 2
+        }
+    });
+    (memory, tasks)
 }
 
 /// Makes the container's group and writes its limits; returns its directory, or None where the
@@ -101,6 +154,15 @@ pub fn enter(dir: &Path) -> Result<(), String> {
     std::fs::write(&p, "0").map_err(|e| format!("join cgroup {}: {e}", dir.display()))
 }
 
+/// Opens `dir`'s cgroup.procs, for a process to move itself in later (see the helper).
+pub fn open_procs(dir: &Path) -> Result<std::fs::File, String> {
+    let p = dir.join("cgroup.procs");
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("open {}: {e}", p.display()))
+}
+
 /// Removes the group once its processes are gone (kills what is left first).
 pub fn remove(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
@@ -116,6 +178,20 @@ pub fn remove(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parent_keeps_a_reserve_for_the_agent() {
+        let meminfo = "MemTotal:         118000 kB\nMemFree:  1000 kB\n";
+        assert_eq!(
+            parent_limits(meminfo, "946\n"),
+            (Some(118000 * 1024 - AGENT_MEMORY_RESERVE), Some(946 - 128))
+        );
+        assert_eq!(
+            parent_limits("MemTotal: 40000 kB\n", "200"),
+            (Some(20000 * 1024), Some(100))
+        );
+        assert_eq!(parent_limits("garbage", ""), (None, None));
+    }
 
     #[test]
     fn shares_convert_like_runc() {

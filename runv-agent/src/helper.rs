@@ -75,10 +75,24 @@ pub fn main() -> ! {
         Err(_) => std::process::exit(1),
     };
     let _ = fcntl(sock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    // We inherited the agent's -1000 (never OOM-killed); a container process gets what a
+    // process under runc gets: 0, or the spec's value (set later).
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
 
-    // The cgroup first: the new process and everything it starts is born inside it.
+    // A container's init is born inside its (new) cgroup. An exec'd process is cloned here
+    // and moves itself in: a move is not bound by pids.max, so `exec` still works in a
+    // container whose pids a fork bomb has used up. The fd is opened now, in the guest's
+    // namespaces, because the kernel checks a move with the opener's credentials and cgroup
+    // namespace, and we are about to join the container's.
+    let mut cgroup_procs = None;
     if let Some(cg) = &cfg.cgroup {
-        if let Err(e) = crate::guest_cgroup::enter(Path::new(cg)) {
+        let r = match cfg.mode {
+            Mode::Create(_) => crate::guest_cgroup::enter(Path::new(cg)),
+            Mode::Exec { .. } => {
+                crate::guest_cgroup::open_procs(Path::new(cg)).map(|f| cgroup_procs = Some(f))
+            }
+        };
+        if let Err(e) = r {
             report_fail(&mut sock, fail(e));
         }
     }
@@ -151,6 +165,11 @@ pub fn main() -> ! {
         std::process::exit(0);
     }
     // The child: set up and exec, or report why not.
+    if let Some(mut procs) = cgroup_procs {
+        if let Err(e) = procs.write_all(b"0") {
+            report_fail(&mut sock, fail(format!("join the container's cgroup: {e}")));
+        }
+    }
     let f = child(
         &cfg,
         root_fd,
@@ -272,7 +291,9 @@ fn child(
                 finish_root(c)?;
             }
             Mode::Exec { .. } => {
-                let fd = root_fd.as_ref().expect("root fd for exec");
+                let fd = root_fd
+                    .as_ref()
+                    .ok_or_else(|| fail("no container root to exec in"))?;
                 fchdir(fd.as_raw_fd()).map_err(|e| fail(format!("fchdir to root: {e}")))?;
                 chroot(".").map_err(|e| fail(format!("chroot: {e}")))?;
                 chdir("/").map_err(|e| fail(format!("chdir /: {e}")))?;

@@ -117,6 +117,10 @@ pub fn main() -> ! {
     if let Err(e) = crate::net::loopback_up() {
         crate::warn!("loopback: {e}");
     }
+    // PID 1 must survive an OOM in the guest: the kernel panics when init dies.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        crate::warn!("oom_score_adj: {e}");
+    }
     if let Err(e) = crate::guest_cgroup::init() {
         crate::warn!("container cgroups: {e}");
     }

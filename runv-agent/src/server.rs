@@ -143,9 +143,9 @@ impl Agent {
                 }
                 Ok(Some(Message::Request { id, body })) => {
                     let me = Arc::clone(self);
-                    std::thread::spawn(move || {
+                    let shutdown = matches!(body, Request::Shutdown);
+                    let spawned = spawn_thread("request", move || {
                         crate::debug!("request {id}: {body:?}");
-                        let shutdown = matches!(body, Request::Shutdown);
                         let result = me.handle(body);
                         if let Err(e) = &result {
                             crate::debug!("request {id} failed: {e}");
@@ -155,6 +155,17 @@ impl Agent {
                             me.power_off();
                         }
                     });
+                    // Out of threads (a fork bomb filled the process table): answer from
+                    // here instead of dying, the host can retry.
+                    if let Err(e) = spawned {
+                        crate::warn!("request {id}: {e}");
+                        let _ = self
+                            .mux
+                            .send_message(&Message::Response { id, result: Err(e) });
+                        if shutdown {
+                            self.power_off();
+                        }
+                    }
                 }
                 Ok(Some(other)) => crate::warn!("unexpected message from host: {other:?}"),
                 Err(e) => return Err(format!("bad frame from the host: {e}")),
@@ -350,7 +361,11 @@ impl Agent {
                 return Err(e);
             }
         };
-        let (seccomp, cgroup) = security.expect("set when the helper started");
+        let Some((seccomp, cgroup)) = security else {
+            return Err(err(
+                "internal: no container settings after the helper started",
+            ));
+        };
         let pid = spawned.proc_.pid;
         let exited = Arc::clone(&spawned.proc_.exited);
         let master = spawned.proc_.master.clone();
@@ -369,7 +384,11 @@ impl Agent {
                 cgroup,
             },
         );
-        self.watch_exit(id, None, spawned.exit, spawned.pumps);
+        if let Err(e) = self.watch_exit(id.clone(), None, spawned.exit, spawned.pumps) {
+            // Nobody would report its exit: undo the container rather than leave it.
+            let _ = self.remove(&id);
+            return Err(e);
+        }
         Ok(ResponseBody::Process { pid })
     }
 
@@ -526,7 +545,18 @@ impl Agent {
                 c.execs.insert(exec_id.clone(), spawned.proc_);
             }
         }
-        self.watch_exit(cid.to_string(), Some(exec_id), spawned.exit, spawned.pumps);
+        if let Err(e) = self.watch_exit(
+            cid.to_string(),
+            Some(exec_id.clone()),
+            spawned.exit,
+            spawned.pumps,
+        ) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            if let Some(c) = lock(&self.containers).get_mut(cid) {
+                c.execs.remove(&exec_id);
+            }
+            return Err(e);
+        }
         r?;
         Ok(ResponseBody::Process { pid })
     }
@@ -646,17 +676,31 @@ impl Agent {
             Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
             other => return Err(err(format!("process said {other:?} before it was ready"))),
         }
-        let mut pumps = Vec::new();
-        for (stream, src) in io.outputs {
-            let mux = Arc::clone(&self.mux);
-            pumps.push(std::thread::spawn(move || {
-                if let Err(e) = mux.pump(stream, src) {
-                    crate::debug!("stream {stream}: {e}");
-                }
-            }));
-        }
-        if let Some((stream, sink)) = io.input {
-            self.mux.attach_sink(stream, Box::new(sink));
+        // Each pump holds a sender; the receiver disconnects once every pump has ended.
+        let (pumps_tx, pumps) = std::sync::mpsc::channel::<()>();
+        let threads = (|| {
+            for (stream, src) in io.outputs {
+                let mux = Arc::clone(&self.mux);
+                let done = pumps_tx.clone();
+                spawn_thread("pump", move || {
+                    if let Err(e) = mux.pump(stream, src) {
+                        crate::debug!("stream {stream}: {e}");
+                    }
+                    drop(done);
+                })?;
+            }
+            if let Some((stream, sink)) = io.input {
+                self.mux
+                    .try_attach_sink(stream, Box::new(sink))
+                    .map_err(|e| err(format!("agent cannot start a thread for stdin: {e}")))?;
+            }
+            Ok(())
+        })();
+        drop(pumps_tx);
+        if let Err(e) = threads {
+            // The process runs but its stdio cannot be relayed: end it and say why.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return Err(e);
         }
         Ok(Spawned {
             proc_: Proc {
@@ -676,10 +720,10 @@ impl Agent {
         cid: String,
         exec_id: Option<String>,
         exit: std::sync::mpsc::Receiver<ExitStatus>,
-        pumps: Vec<JoinHandle<()>>,
-    ) {
+        pumps: std::sync::mpsc::Receiver<()>,
+    ) -> Result<(), AgentError> {
         let me = Arc::clone(self);
-        std::thread::spawn(move || {
+        spawn_thread("exit", move || {
             let Ok(status) = exit.recv() else { return };
             {
                 let cs = lock(&me.containers);
@@ -699,14 +743,15 @@ impl Agent {
             // child holding its streams would keep the container "running" (it was up to an
             // hour for an init). Past the grace the pumps carry on and the host takes what
             // comes before it stops the VM.
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for p in pumps {
-                    let _ = p.join();
+            let deadline = std::time::Instant::now() + OUTPUT_GRACE;
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                // Disconnected: every pump has ended.
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    pumps.recv_timeout(left)
+                {
+                    break;
                 }
-                let _ = tx.send(());
-            });
-            let _ = rx.recv_timeout(OUTPUT_GRACE);
+            }
             crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
             let _ = me.mux.send_message(&Message::Event {
                 event: Event::ProcessExited {
@@ -723,7 +768,8 @@ impl Agent {
                     me.power_off();
                 }
             }
-        });
+        })
+        .map(drop)
     }
 
     pub fn power_off(&self) {
@@ -737,8 +783,44 @@ struct Spawned {
     sock: UnixStream,
     reader: BufReader<UnixStream>,
     exit: std::sync::mpsc::Receiver<ExitStatus>,
-    pumps: Vec<JoinHandle<()>>,
+    /// Disconnects when every output pump has ended.
+    pumps: std::sync::mpsc::Receiver<()>,
 }
+
+/// Starts a thread without panicking when the guest is out of threads or memory (a fork bomb
+/// in a container): EAGAIN is retried for a moment, since such processes come and go, then
+/// reported as an error the request answers with.
+fn spawn_thread<F>(name: &str, f: F) -> Result<JoinHandle<()>, AgentError>
+where
+    F: FnOnce() + Send + 'static,
+{
+    // A failed spawn drops its closure: keep `f` outside so the next attempt can take it.
+    let slot = Arc::new(Mutex::new(Some(f)));
+    let mut last = None;
+    for attempt in 0..SPAWN_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let s = Arc::clone(&slot);
+        match std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                if let Some(f) = lock(&s).take() {
+                    f()
+                }
+            }) {
+            Ok(h) => return Ok(h),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(err(format!(
+        "agent cannot start a {name} thread (the guest is out of processes or memory): {}",
+        last.map_or_else(|| "unknown".to_string(), |e| e.to_string())
+    )))
+}
+
+/// About one second of retries for a thread.
+const SPAWN_ATTEMPTS: u32 = 50;
 
 /// How long an exit waits for the process's output to be delivered before it is reported.
 const OUTPUT_GRACE: Duration = Duration::from_secs(5);

@@ -256,9 +256,36 @@ impl Mux {
     /// Routes incoming data of `stream` to `sink`, written by a thread of its own. Credit is
     /// granted back only after a write to the sink succeeded. Data that arrived before this
     /// call is kept (at most one window) and written first. The sink is dropped at EOF.
+    ///
+    /// If no thread can be started (the guest's process table is full), the stream is left
+    /// without a sink: its sender stalls once the window is spent, nothing else does. Use
+    /// [`Mux::try_attach_sink`] to learn about that.
     pub fn attach_sink(self: &Arc<Self>, stream: u32, sink: Box<dyn Write + Send>) -> OutputHandle {
+        self.try_attach_sink(stream, sink).unwrap_or_else(|_| {
+            let h = OutputHandle::new();
+            h.finish();
+            h
+        })
+    }
+
+    /// [`Mux::attach_sink`], failing (with nothing changed) when its thread cannot be started.
+    pub fn try_attach_sink(
+        self: &Arc<Self>,
+        stream: u32,
+        sink: Box<dyn Write + Send>,
+    ) -> io::Result<OutputHandle> {
         let handle = OutputHandle::new();
         let (tx, rx) = mpsc::channel();
+        // The thread first: it only waits on `rx`, and if it cannot be made the stream's
+        // state is still untouched.
+        let mux = Arc::clone(self);
+        let h = handle.clone();
+        std::thread::Builder::new()
+            .name(format!("sink-{stream}"))
+            .spawn(move || {
+                mux.run_sink(stream, sink, rx);
+                h.finish();
+            })?;
         {
             let mut incoming = lock(&self.incoming);
             let entry = incoming.entry(stream).or_insert(InStream {
@@ -290,16 +317,7 @@ impl Mux {
             }
         }
         drop(tx);
-        let mux = Arc::clone(self);
-        let h = handle.clone();
-        std::thread::Builder::new()
-            .name(format!("sink-{stream}"))
-            .spawn(move || {
-                mux.run_sink(stream, sink, rx);
-                h.finish();
-            })
-            .expect("spawn sink thread");
-        handle
+        Ok(handle)
     }
 
     fn run_sink(&self, stream: u32, mut sink: Box<dyn Write + Send>, rx: mpsc::Receiver<SinkMsg>) {

@@ -1,0 +1,213 @@
+//! runv's fuzz targets: each takes arbitrary bytes and must not panic, hang or allocate
+//! without bound. Built by `cargo xtask fuzz` with AFL++ (stable toolchain); see build.rs.
+//!
+//! runv-cli is a binary crate: its state and monitor-config parsers are compiled in here from
+//! their sources, with stubs for the two things they reach outside of them.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::sync::Mutex;
+
+use runv_proto::{Frame, FrameReader, FrameType, Mux, decode_frame};
+
+#[path = "../../runv-cli/src/container_id.rs"]
+mod container_id;
+#[path = "../../runv-cli/src/state.rs"]
+pub mod state;
+
+mod logging {
+    pub fn rfc3339_now() -> String {
+        String::new()
+    }
+}
+
+#[path = "../../runv-cli/src/monitor/config.rs"]
+pub mod monitor_config;
+
+pub mod monitor {
+    pub use super::monitor_config as config;
+    pub mod volumes {
+        pub fn unmount_all_under(_: &std::path::Path) {}
+    }
+}
+
+/// Defines the entry point of a target: `LLVMFuzzerTestOneInput` for AFL++'s driver, or a
+/// `main` that runs the files named on the command line (to replay a crash).
+#[macro_export]
+macro_rules! target {
+    ($name:ident) => {
+        #[cfg(afl)]
+        #[unsafe(no_mangle)]
+        pub extern "C" fn LLVMFuzzerTestOneInput(data: *const u8, size: usize) -> i32 {
+            let data = if data.is_null() || size == 0 {
+                &[][..]
+            } else {
+                // SAFETY: the driver passes a buffer of `size` bytes, valid for this call.
+                unsafe { std::slice::from_raw_parts(data, size) }
+            };
+            // A panic must be a crash AFL++ sees, not an unwind into C.
+            if std::panic::catch_unwind(|| $crate::$name(data)).is_err() {
+                std::process::abort();
+            }
+            0
+        }
+
+        #[cfg(not(afl))]
+        fn main() {
+            for path in std::env::args_os().skip(1) {
+                let data = std::fs::read(&path).unwrap_or_else(|e| {
+                    eprintln!("{}: {e}", std::path::Path::new(&path).display());
+                    std::process::exit(2)
+                });
+                $crate::$name(&data);
+            }
+        }
+    };
+}
+
+/// Host side of the agent channel: the frame decoders (buffer and stream) and the mux that
+/// applies data, EOF and credit frames and hands control messages back.
+pub fn frames(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some((frame, n))) = decode_frame(rest) {
+        if frame.kind == FrameType::Control {
+            let _ = frame.message();
+        }
+        rest = &rest[n..];
+    }
+    let mux = Mux::new(Box::new(std::io::sink()));
+    let mut r = FrameReader::new(data);
+    while let Ok(Some(frame)) = r.read_frame() {
+        if mux.handle_frame(frame).is_err() {
+            break;
+        }
+    }
+}
+
+/// Control messages, the agent's replies and events included, as a control frame carries
+/// them (JSON), and their re-encoding.
+pub fn messages(data: &[u8]) {
+    let frame = Frame {
+        kind: FrameType::Control,
+        stream: 0,
+        payload: data.to_vec(),
+    };
+    if let Ok(msg) = frame.message() {
+        let _ = Frame::control(&msg).and_then(|f| f.encode());
+        let _ = format!("{msg:?}");
+    }
+}
+
+/// The reader that skips a boot console's noise up to the agent's magic. The first byte
+/// sets how the stream is cut into reads, so magics split across reads are tried too.
+pub fn preamble(data: &[u8]) {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    let mut r = Chunked {
+        data: rest,
+        step: usize::from(cut % 32) + 1,
+    };
+    let noise = Mutex::new(Default::default());
+    if let Ok(Some(after)) = runv_proto::preamble::read_to_magic(&mut r, 4096, &noise) {
+        let mut reader = FrameReader::new(std::io::Cursor::new(after).chain(r));
+        while let Ok(Some(_)) = reader.read_frame() {}
+    }
+}
+
+struct Chunked<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl Read for Chunked<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.step.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// `<root>/<id>/state.json` as `runv state`, `list` and the hooks read it.
+pub fn state(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(s) = serde_json::from_str::<state::ContainerState>(text) {
+        let _ = s.to_runc_json().to_string();
+        let _ = s.to_list_json().to_string();
+        let _ = s.to_oci_json().to_string();
+    }
+}
+
+/// `<root>/<id>/monitor.json`, what the monitor reads at its start.
+pub fn monitor(data: &[u8]) {
+    if let Ok(c) = serde_json::from_slice::<monitor::config::MonitorConfig>(data) {
+        let _ = serde_json::to_vec(&c);
+    }
+}
+
+/// A starting corpus per target: valid inputs for the fuzzer to mutate.
+pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    use runv_proto::{Event, ExitStatus, Message, Request, ResponseBody};
+    let msgs = vec![
+        Message::Hello {
+            version: runv_proto::PROTOCOL_VERSION,
+            agent_version: "runv-agent 0.1.0".into(),
+        },
+        Message::Request {
+            id: 7,
+            body: Request::Ping,
+        },
+        Message::Response {
+            id: 7,
+            result: Ok(ResponseBody::Process { pid: 12 }),
+        },
+        Message::Response {
+            id: 8,
+            result: Err(runv_proto::AgentError::new(
+                1,
+                "container does not exist: x",
+            )),
+        },
+        Message::Event {
+            event: Event::ProcessExited {
+                container_id: "c1".into(),
+                exec_id: Some("e1".into()),
+                status: ExitStatus::Signaled(9),
+            },
+        },
+    ];
+    let json: Vec<Vec<u8>> = msgs
+        .iter()
+        .filter_map(|m| serde_json::to_vec(m).ok())
+        .collect();
+    let mut wire = Vec::new();
+    for m in &msgs {
+        if let Ok(f) = Frame::control(m) {
+            let _ = f.encode_into(&mut wire);
+        }
+    }
+    for f in [
+        Frame::data(3, b"hello\n"),
+        Frame::credit(3, 4096),
+        Frame::eof(3),
+    ] {
+        let _ = f.encode_into(&mut wire);
+    }
+    let mut pre = vec![7u8];
+    pre.extend_from_slice(b"[    0.000000] Linux version 6.1\r\n");
+    pre.extend_from_slice(runv_proto::AGENT_MAGIC);
+    pre.extend_from_slice(&wire);
+    let state = br#"{"ociVersion":"1.0.2","id":"c1","status":"running","pid":1,"bundle":"/b","annotations":{"a":"b"},"created":"2026-01-01T00:00:00Z","owner":"","runv":{"driver":"qemu","driver_file":"/d/q.so","storage":null,"rootfs":"/b/rootfs","monitor_start_time":5,"exit_status":null,"console_log":"/r/c1/console.log","vm_pids":[2],"vm_start_times":[6]}}"#;
+    let monitor =
+        serde_json::to_vec(&monitor::config::MonitorConfig::default()).unwrap_or_default();
+    vec![
+        ("frames", vec![wire.clone()]),
+        ("messages", json),
+        ("preamble", vec![pre]),
+        ("state", vec![state.to_vec()]),
+        ("monitor", vec![monitor]),
+    ]
+}
