@@ -63,7 +63,7 @@ pub fn run(
     control::unblock_kick();
     control.vcpu_started();
     if let Err(e) = crate::sandbox::apply(filter) {
-        control.request_exit(format!("vCPU {index}: {e}"));
+        control.request_exit(ExitReason::HostError(format!("vCPU {index}: {e}")));
     }
     while control.vcpu_may_run() {
         match vcpu.run() {

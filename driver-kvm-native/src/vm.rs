@@ -209,7 +209,9 @@ impl KvmVm {
             "kvm-devices".into(),
             Box::new(move || match crate::sandbox::apply(&device_filter) {
                 Ok(()) => events.run(),
-                Err(e) => device_control.request_exit(format!("device thread: {e}")),
+                Err(e) => device_control.request_exit(crate::exit::ExitReason::HostError(format!(
+                    "device thread: {e}"
+                ))),
             }),
         )?;
         let mut threads = Vec::new();

@@ -98,8 +98,13 @@ pub fn main() -> ! {
     }
     let mut flags = CloneFlags::CLONE_PARENT;
     let mut root_fd = None;
-    let mut userns_sync = None;
     let mut later_unshare = CloneFlags::empty();
+    // The child waits on this until the pid is reported (and, with a user namespace, its id
+    // maps written): its own reports must never reach the agent before the pid.
+    let (sync_r, sync_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => report_fail(&mut sock, fail(format!("pipe: {e}"))),
+    };
     match &cfg.mode {
         Mode::Create(c) => {
             for ns in &c.new_namespaces {
@@ -114,10 +119,6 @@ pub fn main() -> ! {
                 };
             }
             if flags.contains(CloneFlags::CLONE_NEWUSER) {
-                match nix::unistd::pipe() {
-                    Ok(p) => userns_sync = Some(p),
-                    Err(e) => report_fail(&mut sock, fail(format!("pipe: {e}"))),
-                }
                 // Namespaces made before the id maps exist record an unmapped creator (an
                 // IPC namespace's mqueue root would belong to nobody): the child unshares
                 // them once mapped, as runc does. Only the pid namespace must come with
@@ -153,18 +154,26 @@ pub fn main() -> ! {
         report_fail(&mut sock, fail(format!("clone: {e}")));
     }
     if pid > 0 {
-        if let (Some((_, w)), Mode::Create(c)) = (&userns_sync, &cfg.mode) {
-            if let Err(f) = write_id_maps(pid as i32, c) {
-                // SAFETY: kill takes integers; the child is ours and waits for the maps.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                report_fail(&mut sock, f);
+        if let Mode::Create(c) = &cfg.mode {
+            if flags.contains(CloneFlags::CLONE_NEWUSER) {
+                if let Err(f) = write_id_maps(pid as i32, c) {
+                    // SAFETY: kill takes integers; the child is ours and waits for the maps.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    report_fail(&mut sock, f);
+                }
             }
-            let _ = nix::unistd::write(w, b"1");
         }
         report(&mut sock, &Report::Pid(pid as i32));
+        let _ = nix::unistd::write(&sync_w, b"1");
         std::process::exit(0);
     }
-    // The child: set up and exec, or report why not.
+    // The child: set up and exec, or report why not; first wait for the pid report.
+    drop(sync_w);
+    let mut b = [0u8; 1];
+    if File::from(sync_r).read(&mut b).unwrap_or(0) != 1 {
+        // The helper died before it reported us: nobody waits for this process.
+        std::process::exit(1);
+    }
     if let Some(mut procs) = cgroup_procs {
         if let Err(e) = procs.write_all(b"0") {
             report_fail(&mut sock, fail(format!("join the container's cgroup: {e}")));
@@ -173,7 +182,9 @@ pub fn main() -> ! {
     let f = child(
         &cfg,
         root_fd,
-        userns_sync.map(|s| (s, later_unshare)),
+        flags
+            .contains(CloneFlags::CLONE_NEWUSER)
+            .then_some(later_unshare),
         &mut sock,
     );
     report_fail(&mut sock, f)
@@ -257,19 +268,14 @@ fn become_namespace_root() -> Result<(), Fail> {
 fn child(
     cfg: &HelperConfig,
     root_fd: Option<OwnedFd>,
-    userns_sync: Option<((OwnedFd, OwnedFd), CloneFlags)>,
+    userns_unshare: Option<CloneFlags>,
     sock: &mut UnixStream,
 ) -> Fail {
     let r = (|| -> Result<(), Fail> {
         match &cfg.mode {
             Mode::Create(c) => {
-                if let Some(((r, w), unshare)) = userns_sync {
-                    drop(w);
-                    let mut b = [0u8; 1];
-                    let n = File::from(r).read(&mut b).unwrap_or(0);
-                    if n != 1 {
-                        return Err(fail("the helper did not write the id maps"));
-                    }
+                // In a user namespace, the helper wrote the id maps before it let us go on.
+                if let Some(unshare) = userns_unshare {
                     become_namespace_root()?;
                     nix::sched::unshare(unshare).map_err(|e| fail(format!("unshare: {e}")))?;
                 }
