@@ -23,6 +23,12 @@ mod logging {
 
 #[path = "../../runv-cli/src/monitor/config.rs"]
 pub mod monitor_config;
+#[path = "../../runv-cli/src/templates/mode.rs"]
+mod template_mode;
+
+pub mod templates {
+    pub use super::template_mode::Mode;
+}
 
 pub mod monitor {
     pub use super::monitor_config as config;

@@ -15,6 +15,9 @@
 pub mod build;
 pub mod clone;
 pub mod command;
+mod mode;
+
+pub use mode::{Mode, validate_name};
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -23,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -37,42 +40,6 @@ pub const ENV_DIR: &str = "RUNV_TEMPLATE_DIR";
 pub const KERNEL_PARAM: &str = "runv.template=1";
 const META: &str = "template.json";
 const HASHES: &str = ".hashes.json";
-
-/// `--template`: `off`, `auto`, or the name of a template made with `template create --name`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Off,
-    Auto,
-    Named(String),
-}
-
-impl Mode {
-    pub fn parse(value: Option<&str>) -> anyhow::Result<Self> {
-        match value.map(str::trim) {
-            None | Some("off") => Ok(Self::Off),
-            Some("auto") => Ok(Self::Auto),
-            Some("") => bail!("invalid --template \"\": want auto, off or a template name"),
-            Some(name) => {
-                validate_name(name)?;
-                Ok(Self::Named(name.to_string()))
-            }
-        }
-    }
-}
-
-pub fn validate_name(name: &str) -> anyhow::Result<()> {
-    if name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        || name.starts_with('.')
-    {
-        bail!("invalid template name {name:?}: use up to 64 letters, digits, '-', '_' or '.'");
-    }
-    Ok(())
-}
 
 /// The template store directory: the flag, else `$RUNV_TEMPLATE_DIR`, else the default.
 pub fn store_dir(flag: Option<&Path>) -> PathBuf {
