@@ -155,6 +155,23 @@ pub fn enter(dir: &Path) -> Result<(), String> {
 }
 
 /// Opens `dir`'s cgroup.procs, for a process to move itself in later (see the helper).
+/// Freezes or thaws every process in the group and waits until the kernel says it is done
+/// (`frozen 1` in cgroup.events), as runc's `pause` does.
+pub fn freeze(dir: &Path, frozen: bool) -> Result<(), String> {
+    let p = dir.join("cgroup.freeze");
+    std::fs::write(&p, if frozen { "1" } else { "0" })
+        .map_err(|e| format!("write {}: {e}", p.display()))?;
+    let want = if frozen { "frozen 1" } else { "frozen 0" };
+    for _ in 0..500 {
+        let events = std::fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+        if events.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(format!("{} did not reach \"{want}\" in 5 s", dir.display()))
+}
+
 pub fn open_procs(dir: &Path) -> Result<std::fs::File, String> {
     let p = dir.join("cgroup.procs");
     std::fs::File::options()

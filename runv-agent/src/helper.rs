@@ -118,6 +118,11 @@ pub fn main() -> ! {
                     other => report_fail(&mut sock, fail(format!("unknown namespace {other}"))),
                 };
             }
+            // A pod member joins the sandbox's namespaces first; the pid namespace applies
+            // to the clone below.
+            if let Err(f) = join_pod_namespaces(&c.join_namespaces) {
+                report_fail(&mut sock, f);
+            }
             if flags.contains(CloneFlags::CLONE_NEWUSER) {
                 // Namespaces made before the id maps exist record an unmapped creator (an
                 // IPC namespace's mqueue root would belong to nobody): the child unshares
@@ -205,6 +210,22 @@ fn write_id_maps(pid: i32, c: &CreateConfig) -> Result<(), Fail> {
         }
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, text(maps)).map_err(|e| fail(format!("write {path}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn join_pod_namespaces(joins: &[(String, i32)]) -> Result<(), Fail> {
+    for (kind, pid) in joins {
+        let (file, flag) = match kind.as_str() {
+            "pid" => ("pid", CloneFlags::CLONE_NEWPID),
+            "uts" => ("uts", CloneFlags::CLONE_NEWUTS),
+            "ipc" => ("ipc", CloneFlags::CLONE_NEWIPC),
+            "cgroup" => ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+            other => return Err(fail(format!("cannot join a {other} namespace of the pod"))),
+        };
+        let path = format!("/proc/{pid}/ns/{file}");
+        let fd = File::open(&path).map_err(|e| fail(format!("open {path}: {e}")))?;
+        setns(&fd, flag).map_err(|e| fail(format!("setns {path}: {e}")))?;
     }
     Ok(())
 }

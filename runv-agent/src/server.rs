@@ -186,7 +186,23 @@ impl Agent {
                 hostname,
                 hosts,
                 resolv_conf,
-            } => self.create(id, spec, rootfs, stdio, hostname, hosts, resolv_conf),
+                pod_sandbox,
+            } => {
+                let shared = match &pod_sandbox {
+                    Some(sandbox) => Some(self.init_pid(sandbox)?),
+                    None => None,
+                };
+                self.create(
+                    id,
+                    spec,
+                    rootfs,
+                    stdio,
+                    hostname,
+                    hosts,
+                    resolv_conf,
+                    shared,
+                )
+            }
             Request::StartContainer { id } => self.start(&id),
             Request::Exec {
                 container_id,
@@ -231,6 +247,22 @@ impl Agent {
                 })
             }
             Request::RemoveContainer { id } => self.remove(&id),
+            Request::Freeze {
+                container_id,
+                frozen,
+            } => {
+                let cgroup = {
+                    let cs = lock(&self.containers);
+                    let c = cs
+                        .get(&container_id)
+                        .ok_or_else(|| no_container(&container_id))?;
+                    c.cgroup.clone().ok_or_else(|| {
+                        err("the guest has no cgroup for this container to freeze")
+                    })?
+                };
+                crate::guest_cgroup::freeze(&cgroup, frozen).map_err(err)?;
+                Ok(ResponseBody::Ok)
+            }
             Request::ConfigureNetwork { interfaces, routes } => {
                 self.modules.ensure("virtio_net").map_err(err)?;
                 crate::net::configure(&interfaces, &routes).map_err(err)?;
@@ -271,6 +303,7 @@ impl Agent {
         hostname: Option<String>,
         hosts: Option<String>,
         resolv_conf: Option<String>,
+        pod_sandbox_pid: Option<i32>,
     ) -> Result<ResponseBody, AgentError> {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {
             return Err(err(format!("invalid container id {id:?}")));
@@ -324,16 +357,25 @@ impl Agent {
             }
             let linux = spec.linux.clone().unwrap_or_default();
             let cgroup = crate::guest_cgroup::create(&id, linux.resources.as_ref()).map_err(err)?;
+            let join_namespaces = pod_sandbox_pid
+                .map(|pid| crate::spec::namespaces_to_join(&linux, pid))
+                .unwrap_or_default();
+            // A pod member in the sandbox's UTS namespace keeps the pod's hostname.
+            let joins_uts = join_namespaces.iter().any(|(k, _)| k == "uts");
             let create = CreateConfig {
                 rootfs: root.to_string_lossy().into_owned(),
                 readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
-                hostname: hostname.clone().or(spec.hostname.clone()),
+                hostname: hostname
+                    .clone()
+                    .or(spec.hostname.clone())
+                    .filter(|_| !joins_uts),
                 domainname: spec.domainname.clone(),
                 mounts,
                 masked_paths: linux.masked_paths.clone(),
                 readonly_paths: linux.readonly_paths.clone(),
                 files,
                 new_namespaces: namespaces_to_create(&linux),
+                join_namespaces,
                 uid_mappings: linux.uid_mappings.clone(),
                 gid_mappings: linux.gid_mappings.clone(),
                 devices: linux.devices.clone(),
@@ -453,6 +495,36 @@ impl Agent {
                     None::<&str>,
                 )
                 .map_err(|e| err(format!("bind share {tag:?}: {e}")))?;
+                if rootfs.readonly {
+                    mount(
+                        None::<&str>,
+                        target,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+                        None::<&str>,
+                    )
+                    .map_err(|e| err(format!("make rootfs read-only: {e}")))?;
+                }
+                Ok(())
+            }
+            RootfsSource::SharePath { tag, path } => {
+                let rel = Path::new(path);
+                if path.is_empty()
+                    || !rel
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(err(format!("bad path {path:?} in share {tag:?}")));
+                }
+                let source = self.ensure_share(tag)?.join(rel);
+                mount(
+                    Some(&source),
+                    target,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| err(format!("bind {path:?} of share {tag:?}: {e}")))?;
                 if rootfs.readonly {
                     mount(
                         None::<&str>,

@@ -276,6 +276,9 @@ pub struct CreateConfig {
     pub files: Vec<(String, String)>,
     /// Namespace types to create ("mount", "pid", "uts", "ipc", "cgroup", "user").
     pub new_namespaces: Vec<String>,
+    /// Namespaces to join before the clone: (type, pid whose namespace it is), a pod's.
+    #[serde(default)]
+    pub join_namespaces: Vec<(String, i32)>,
     pub uid_mappings: Vec<IdMapping>,
     pub gid_mappings: Vec<IdMapping>,
     pub devices: Vec<Device>,
@@ -316,9 +319,38 @@ pub fn namespaces_to_create(linux: &Linux) -> Vec<String> {
     out
 }
 
+/// A pod member's namespaces that its spec names by path (the engine points them at the
+/// sandbox's, on the host): joined from the sandbox's init in the guest instead. Network is
+/// the VM's for everyone, and a user or mount namespace is never shared between containers.
+pub fn namespaces_to_join(linux: &Linux, sandbox_pid: i32) -> Vec<(String, i32)> {
+    linux
+        .namespaces
+        .iter()
+        .filter(|ns| !ns.path.as_deref().unwrap_or("").is_empty())
+        .filter(|ns| matches!(ns.kind.as_str(), "pid" | "uts" | "ipc" | "cgroup"))
+        .map(|ns| (ns.kind.clone(), sandbox_pid))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_members_join_the_sandbox_where_their_spec_names_a_path() {
+        let linux: Linux = serde_json::from_value(serde_json::json!({
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/9/ns/net"},
+                           {"type": "ipc", "path": "/proc/9/ns/ipc"},
+                           {"type": "uts", "path": "/proc/9/ns/uts"}, {"type": "mount"},
+                           {"type": "user", "path": "/proc/9/ns/user"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            namespaces_to_join(&linux, 42),
+            vec![("ipc".to_string(), 42), ("uts".to_string(), 42)]
+        );
+        assert_eq!(namespaces_to_create(&linux), vec!["mount", "pid"]);
+    }
 
     #[test]
     fn runc_default_namespaces_map_to_guest_namespaces() {

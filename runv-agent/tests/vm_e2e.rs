@@ -266,6 +266,7 @@ fn agent_in_a_vm() {
             hostname: None,
             hosts: Some("127.0.0.1 localhost\n".into()),
             resolv_conf: None,
+            pod_sandbox: None,
         },
         T,
     );
@@ -296,6 +297,7 @@ fn agent_in_a_vm() {
                 hostname: None,
                 hosts: None,
                 resolv_conf: None,
+                pod_sandbox: None,
             },
             T,
         )

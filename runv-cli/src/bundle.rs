@@ -102,16 +102,21 @@ impl Bundle {
         self.spec["hostname"].as_str().map(str::to_string)
     }
 
-    /// VM size: annotations `runv.vm.vcpus` / `runv.vm.memory_mib`, else derived from
-    /// `linux.resources` (CPU quota/period, memory limit + guest overhead), else 1 vCPU and
-    /// 128 MiB.
-    /// The VM's vCPUs and MiB: the spec's, else the host's defaults (`host_config`).
+    /// The VM's vCPUs and MiB: annotations `runv.vm.vcpus` / `runv.vm.memory_mib`, else a
+    /// pod sandbox's pod limits (CRI annotations, plus the guest's overhead), else derived
+    /// from `linux.resources` (CPU quota/period, memory limit + guest overhead), else the
+    /// host's defaults (`host_config`).
     pub fn vm_size(&self, default_vcpus: u32, default_memory_mib: u64) -> (u32, u64) {
         let ann = self.annotations();
         let resources = &self.spec["linux"]["resources"];
+        let (pod_vcpus, pod_memory) = match crate::pod::role(&ann) {
+            crate::pod::Role::Sandbox => crate::pod::sandbox_size(&ann),
+            _ => (None, None),
+        };
         let vcpus = ann
             .get("runv.vm.vcpus")
             .and_then(|v| v.parse().ok())
+            .or(pod_vcpus)
             .or_else(|| {
                 let quota = resources["cpu"]["quota"].as_i64()?;
                 let period = resources["cpu"]["period"].as_u64().unwrap_or(100_000);
@@ -122,6 +127,7 @@ impl Bundle {
         let memory = ann
             .get("runv.vm.memory_mib")
             .and_then(|v| v.parse().ok())
+            .or(pod_memory.map(|m| m + GUEST_OVERHEAD_MIB))
             .or_else(|| {
                 let limit = resources["memory"]["limit"].as_i64()?;
                 (limit > 0).then(|| (limit as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)

@@ -37,6 +37,28 @@ pub enum Request {
         process: Value,
         tty: bool,
     },
+    /// To a pod sandbox's monitor, from a member's: creates container `id` of the pod in the
+    /// pod's VM, its rootfs bound into the pod's share. The fds are its stdio (as for
+    /// `Exec`). Answered `{"pid":N}` once created, then `{"exit":N}` when its init ended.
+    PodCreate(Box<PodContainer>),
+    /// To a pod sandbox's monitor, from a member's: `request` for the pod's container `id`.
+    Member {
+        id: String,
+        request: Box<Request>,
+    },
+}
+
+/// A pod member as its monitor hands it to the sandbox's.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PodContainer {
+    pub id: String,
+    /// The member's spec (config.json).
+    pub spec: Value,
+    /// The member's rootfs on the host (the engine mounted it).
+    pub rootfs: PathBuf,
+    pub terminal: bool,
+    pub hosts: Option<String>,
+    pub resolv_conf: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]

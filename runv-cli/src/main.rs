@@ -12,6 +12,7 @@ mod logging;
 mod monitor;
 mod network;
 mod plugins;
+mod pod;
 mod signals;
 mod state;
 mod stats;

@@ -133,6 +133,9 @@ pub struct RunvDetails {
     pub vm_pids: Vec<u32>,
     /// Start times of `vm_pids` (as `monitor_start_time`), so a reused PID is never killed.
     pub vm_start_times: Vec<u64>,
+    /// A pod member: the id of the pod's sandbox container, whose VM it runs in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_sandbox: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

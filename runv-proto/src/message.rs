@@ -43,6 +43,10 @@ pub enum Request {
         /// Contents for the container's /etc/resolv.conf.
         #[serde(default)]
         resolv_conf: Option<String>,
+        /// A pod member: the id of the pod's sandbox container, whose namespaces this one
+        /// joins where its spec names a namespace by path (network is always the VM's).
+        #[serde(default)]
+        pod_sandbox: Option<String>,
     },
     StartContainer {
         id: String,
@@ -75,6 +79,12 @@ pub enum Request {
     },
     RemoveContainer {
         id: String,
+    },
+    /// Freezes (or thaws) every process of a container through its cgroup: `pause` of one
+    /// container of a pod, whose VM keeps running for the others.
+    Freeze {
+        container_id: String,
+        frozen: bool,
     },
     ConfigureNetwork {
         interfaces: Vec<Interface>,
@@ -134,6 +144,9 @@ pub struct Rootfs {
 pub enum RootfsSource {
     /// A 9p share, by its `mount_tag`.
     Share { tag: String },
+    /// A directory inside a 9p share (a pod's containers, bound there after the VM booted):
+    /// `path` is relative, without `..`.
+    SharePath { tag: String, path: String },
     /// A virtio-blk disk, found by `/sys/block/vd*/serial`.
     Block { serial: String, fs_type: String },
 }

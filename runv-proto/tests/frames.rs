@@ -59,6 +59,7 @@ fn request() -> impl Strategy<Value = Request> {
                 hostname,
                 hosts: Some("127.0.0.1 localhost\n".into()),
                 resolv_conf: None,
+                pod_sandbox: None,
             }
         ),
         (s, s).prop_map(|(id, serial)| Request::CreateContainer {
@@ -80,6 +81,7 @@ fn request() -> impl Strategy<Value = Request> {
             hostname: None,
             hosts: None,
             resolv_conf: None,
+            pod_sandbox: None,
         }),
         s.prop_map(|id| Request::StartContainer { id }),
         (s, s, stdio()).prop_map(|(c, e, stdio)| Request::Exec {

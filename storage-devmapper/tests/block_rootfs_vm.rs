@@ -175,6 +175,7 @@ fn container_runs_from_an_ext4_disk() {
                 hostname: None,
                 hosts: None,
                 resolv_conf: None,
+                pod_sandbox: None,
             },
             T,
         )

@@ -60,6 +60,16 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
     let parameters = hypervisor_parameters(ctx, info.name.as_str(), &vm)?;
     let kernel_params = kernel_params(&vm, ctx.debug);
     let agent_timeout_secs = agent_timeout()?;
+    let pod = match crate::pod::role(&bundle.annotations()) {
+        crate::pod::Role::Alone => monitor::config::PodConfig::Alone,
+        crate::pod::Role::Sandbox => monitor::config::PodConfig::Sandbox,
+        crate::pod::Role::Member { sandbox } => {
+            // Said now, in create's own words, rather than by a monitor that cannot start.
+            monitor::sandbox_dir(&ctx.store, &sandbox)?;
+            monitor::config::PodConfig::Member { sandbox }
+        }
+    };
+    let member = matches!(pod, monitor::config::PodConfig::Member { .. });
 
     // Unix socket paths (control, agent, QMP) are limited to 107 bytes; longer ones (docker:
     // 64-character ids under /run/docker/runtime-runc/moby) go through
@@ -78,8 +88,15 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             runv: RunvDetails {
                 driver: info.name.to_string(),
                 driver_file: hypervisor.file.display().to_string(),
-                storage: storage.map(|s| s.client.info().name.to_string()),
+                // A pod member's rootfs is shared into the pod's VM as it is.
+                storage: storage
+                    .filter(|_| !member)
+                    .map(|s| s.client.info().name.to_string()),
                 rootfs: bundle.rootfs.display().to_string(),
+                pod_sandbox: match &pod {
+                    monitor::config::PodConfig::Member { sandbox } => Some(sandbox.clone()),
+                    _ => None,
+                },
                 ..RunvDetails::default()
             },
         };
@@ -96,7 +113,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
                 .map(|d| absolute(d))
                 .collect::<Result<_, _>>()?,
             driver: info.name.to_string(),
-            storage: ctx.opts.storage.clone(),
+            storage: ctx.opts.storage.clone().filter(|_| !member),
             kernel: kernel.clone(),
             initrd: initrd.clone(),
             kernel_params,
@@ -113,6 +130,7 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
             template_dir: absolute(&crate::templates::store_dir(
                 ctx.opts.template_dir.as_deref(),
             ))?,
+            pod: pod.clone(),
         };
         config.save(&dir)?;
         let child = spawn_monitor(
@@ -124,7 +142,9 @@ pub fn create_keep(ctx: &Ctx, args: &CreateArgs, keep: bool) -> anyhow::Result<C
         if let Some(pid_file) = args.pid_file {
             write_pid_file(pid_file, child.id())?;
         }
-        crate::templates::build::spawn_wanted(&dir);
+        if !member {
+            crate::templates::build::spawn_wanted(&dir);
+        }
         Ok(child)
     })();
     match result {

@@ -38,6 +38,21 @@ pub struct MonitorConfig {
     /// The template store.
     #[serde(default)]
     pub template_dir: PathBuf,
+    /// What the container is to a Kubernetes pod: its sandbox's monitor boots the pod's VM
+    /// and shares a directory for the members; a member's monitor owns no VM.
+    #[serde(default)]
+    pub pod: PodConfig,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "role")]
+pub enum PodConfig {
+    #[default]
+    Alone,
+    Sandbox,
+    Member {
+        sandbox: String,
+    },
 }
 
 impl MonitorConfig {

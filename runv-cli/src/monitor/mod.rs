@@ -5,6 +5,8 @@
 
 pub mod config;
 mod logs;
+mod pod_host;
+mod pod_member;
 mod rootfs_image;
 mod server;
 pub mod stdio;
@@ -29,6 +31,7 @@ use crate::hooks::{self, Point};
 use crate::plugins::{self, Registry};
 use crate::state::{Status, Store};
 pub use config::MonitorConfig;
+pub use pod_member::sandbox_dir;
 
 /// The fd on which the monitor reports to `create` that it is ready (or why it failed).
 pub const READY_FD: i32 = 3;
@@ -51,6 +54,8 @@ pub struct Monitor {
     pub relay: Mutex<Option<stdio::Relay>>,
     /// The `(interface, tap)` pairs connecting the container's network to the VM.
     pub network_links: Vec<(String, String)>,
+    /// A pod sandbox's: the pod's other containers, running in this VM.
+    pub pod: Option<pod_host::Pod>,
 }
 
 /// Entry point of `runv __monitor DIR`.
@@ -76,6 +81,9 @@ pub fn main(dir: &Path) -> ExitCode {
         }
     };
     let _ = init_logging(&config, dir);
+    if let config::PodConfig::Member { sandbox } = &config.pod {
+        return pod_member::main(&config, sandbox, dir, &mut report);
+    }
     let registry = Registry::load(plugins::search_dirs(&config.driver_dirs));
     let mut cleanup = Cleanup::default();
     match setup(&config, dir, &registry, &mut cleanup) {
@@ -311,8 +319,24 @@ fn setup(
 
     cleanup.volumes = Some(dir.to_path_buf());
     let can_share = driver_caps.contains(runv_api::Capabilities::SHARED_DIR_ROOTFS);
-    if let Some(share) = volumes::prepare(&mut bundle.spec, dir, can_share)? {
-        vm_config.shared_dirs.push(share);
+    match volumes::prepare(&mut bundle.spec, dir, can_share)? {
+        Some(share) => vm_config.shared_dirs.push(share),
+        // A pod's members are bound into the share after boot: the VM needs it from the
+        // start.
+        None if config.pod == config::PodConfig::Sandbox => {
+            if !can_share {
+                bail!(
+                    "driver {} cannot share directories, which a pod's containers need \
+                     (use a driver with shared directories, such as qemu)",
+                    config.driver
+                );
+            }
+            let share = volumes::share(dir);
+            crate::state::private_dir(&share.host_path)
+                .with_context(|| format!("creating {}", share.host_path.display()))?;
+            vm_config.shared_dirs.push(share);
+        }
+        None => {}
     }
 
     // Runtime-namespace hooks run before the VM boots, with our pid in the state: docker
@@ -430,6 +454,7 @@ fn setup(
             hostname: bundle.hostname(),
             hosts,
             resolv_conf,
+            pod_sandbox: None,
         },
     )?;
     if let ResponseBody::Process { pid } = answer {
@@ -472,6 +497,7 @@ fn setup(
         execs: Mutex::new(HashMap::new()),
         relay: Mutex::new(Some(relay)),
         network_links,
+        pod: (config.pod == config::PodConfig::Sandbox).then(pod_host::Pod::default),
     })
 }
 
@@ -483,7 +509,10 @@ pub fn agent_call(client: &AgentClient, request: Request) -> anyhow::Result<Resp
 }
 
 /// The container's stdio: a pty sent to the console socket, or what create was given.
-fn container_stdio(config: &MonitorConfig, bundle: &Bundle) -> anyhow::Result<stdio::HostStdio> {
+pub(super) fn container_stdio(
+    config: &MonitorConfig,
+    bundle: &Bundle,
+) -> anyhow::Result<stdio::HostStdio> {
     if bundle.terminal {
         let socket = config
             .console_socket
@@ -513,8 +542,14 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
                 container_id,
                 exec_id,
                 status,
-            }) if container_id == monitor.id => match exec_id {
-                None => break status.code(),
+            }) => match exec_id {
+                None if container_id == monitor.id => break status.code(),
+                None => {
+                    let member = monitor.pod.as_ref();
+                    if !member.is_some_and(|p| p.exited(&container_id, status)) {
+                        tracing::warn!("exit of unknown container {container_id} in the VM");
+                    }
+                }
                 Some(exec_id) => {
                     if let Some(tx) = monitor
                         .execs
@@ -526,7 +561,6 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
                     }
                 }
             },
-            Ok(_) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(reason) = monitor.client.disconnected() {
                     tracing::warn!("the VM ended before the container: {reason}");
@@ -560,6 +594,17 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
     }
     shutdown_vm(&monitor);
     crate::network::teardown(&monitor.network_links);
+    if monitor.pod.is_some() {
+        // The pod's members went with the VM: their rootfs binds go now, not at delete.
+        for entry in std::fs::read_dir(monitor.dir.join("mounts"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("c-"))
+        {
+            volumes::remove_bound_dir(&entry.path());
+        }
+    }
     tracing::debug!(phase = "vm-stopped", "VM stopped");
     let _ = std::fs::remove_file(monitor.dir.join(crate::state::CONTROL_SOCKET));
     status

@@ -19,9 +19,21 @@ use crate::hooks::{self, Point};
 use crate::state::{CONTROL_SOCKET, Status};
 
 pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
-    let path = monitor.dir.join(CONTROL_SOCKET);
+    let dir = monitor.dir.clone();
+    listen(&dir, move |stream, request, fds| {
+        handle(&monitor, stream, request, fds)
+    })
+}
+
+/// Binds the control socket in `dir` and serves each connection on a thread of its own with
+/// `handler`, once its peer is allowed and its request read.
+pub fn listen(
+    dir: &std::path::Path,
+    handler: impl Fn(&UnixStream, Request, Vec<OwnedFd>) + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let path = dir.join(CONTROL_SOCKET);
     let _ = std::fs::remove_file(&path);
-    let (short, _dir_fd) = control::short_socket_path(&monitor.dir, CONTROL_SOCKET)?;
+    let (short, _dir_fd) = control::short_socket_path(dir, CONTROL_SOCKET)?;
     let listener = UnixListener::bind(&short)
         .with_context(|| format!("binding control socket {}", path.display()))?;
     // The state dir (0700) already keeps others out; the socket's own mode does too, for a
@@ -31,11 +43,16 @@ pub fn spawn(monitor: Arc<Monitor>) -> anyhow::Result<()> {
         std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("securing control socket {}", path.display()))?;
     }
+    let handler = Arc::new(handler);
     thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let monitor = monitor.clone();
-            thread::spawn(move || handle(&monitor, stream));
+            let handler = handler.clone();
+            thread::spawn(move || {
+                if let Some((request, fds)) = accept(&stream) {
+                    handler(&stream, request, fds);
+                }
+            });
         }
     });
     Ok(())
@@ -56,26 +73,38 @@ fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
-fn handle(monitor: &Monitor, stream: UnixStream) {
-    if let Err(e) = peer_allowed(&stream) {
+/// Checks the peer and reads its request; a refusal or a bad request is answered here.
+fn accept(stream: &UnixStream) -> Option<(Request, Vec<OwnedFd>)> {
+    if let Err(e) = peer_allowed(stream) {
         tracing::warn!("control socket: {e}");
         // Read (and drop) the request first, briefly: closing a unix socket with unread
         // data resets the connection, and the refusal would be lost.
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let _ = control::receive(&stream);
-        let _ = control::reply(&stream, &Reply::err(e, None));
-        return;
+        let _ = control::receive(stream);
+        let _ = control::reply(stream, &Reply::err(e, None));
+        return None;
     }
-    let (request, fds) = match control::receive(&stream) {
-        Ok(r) => r,
+    match control::receive(stream) {
+        Ok(r) => Some(r),
         Err(e) => {
-            let _ = control::reply(&stream, &Reply::err(format!("{e:#}"), None));
-            return;
+            let _ = control::reply(stream, &Reply::err(format!("{e:#}"), None));
+            None
         }
-    };
+    }
+}
+
+fn handle(monitor: &Monitor, stream: &UnixStream, request: Request, fds: Vec<OwnedFd>) {
     tracing::debug!("control request: {request:?}");
     let result = match request {
-        Request::Exec { process, tty } => return exec(monitor, &stream, process, tty, fds),
+        Request::Exec { process, tty } => {
+            return exec(monitor, stream, &monitor.id, process, tty, fds);
+        }
+        Request::PodCreate(member) => {
+            return super::pod_host::create(monitor, stream, *member, fds);
+        }
+        Request::Member { id, request } => {
+            return super::pod_host::member_request(monitor, stream, &id, *request, fds);
+        }
         Request::Start => start(monitor),
         Request::Kill { signal, all } => kill(monitor, signal, all),
         Request::Pause => pause(monitor, true),
@@ -88,7 +117,7 @@ fn handle(monitor: &Monitor, stream: UnixStream) {
         Ok(data) => Reply::ok(data),
         Err(e) => Reply::err(format!("{e:#}"), None),
     };
-    let _ = control::reply(&stream, &reply);
+    let _ = control::reply(stream, &reply);
 }
 
 fn agent(monitor: &Monitor, request: AgentRequest) -> anyhow::Result<ResponseBody> {
@@ -181,7 +210,7 @@ fn ps(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
     }
 }
 
-fn stats(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
+pub(super) fn stats(monitor: &Monitor) -> anyhow::Result<serde_json::Value> {
     let stats = monitor
         .vm
         .stats()
@@ -207,16 +236,20 @@ static NEXT_EXEC: AtomicU64 = AtomicU64::new(1);
 
 /// Runs a process in the container; replies `{"pid":N}` once it started and `{"exit":N}` when
 /// it ended. The caller's stdio fds came with the request.
-fn exec(
+pub(super) fn exec(
     monitor: &Monitor,
     stream: &UnixStream,
+    container_id: &str,
     process: serde_json::Value,
     tty: bool,
     mut fds: Vec<OwnedFd>,
 ) {
     let mut code = None;
     let result = (|| -> anyhow::Result<(String, std::sync::mpsc::Receiver<runv_proto::ExitStatus>, stdio::Relay)> {
-        require_status(monitor, &[Status::Running], "exec into")?;
+        // A pod member's own monitor checked its status.
+        if container_id == monitor.id {
+            require_status(monitor, &[Status::Running], "exec into")?;
+        }
         let host = match (tty, fds.len()) {
             (true, 1) => HostStdio::Tty(fds.remove(0)),
             (false, 3) => {
@@ -242,7 +275,7 @@ fn exec(
         // and a process that failed to start leaves no relay holding the caller's stdio.
         let answer = monitor.client.request(
             AgentRequest::Exec {
-                container_id: monitor.id.clone(),
+                container_id: container_id.to_string(),
                 exec_id: exec_id.clone(),
                 process,
                 stdio: ids,
@@ -258,7 +291,7 @@ fn exec(
             }
             bail!("{e}");
         }
-        let (cid, eid) = (monitor.id.clone(), exec_id.clone());
+        let (cid, eid) = (container_id.to_string(), exec_id.clone());
         let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
             AgentRequest::WindowSize {
                 container_id: cid.clone(),

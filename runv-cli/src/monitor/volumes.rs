@@ -68,10 +68,44 @@ pub fn prepare(
     state_dir: &Path,
     can_share: bool,
 ) -> anyhow::Result<Option<SharedDir>> {
-    let Some(mounts) = spec["mounts"].as_array_mut() else {
-        return Ok(None);
-    };
     let dir = state_dir.join(DIR);
+    let any = bind_sources(spec, &dir, &format!("{GUEST_SHARES}/{TAG}"), can_share)?;
+    Ok(any.then(|| share(state_dir)))
+}
+
+/// The share of `state_dir`'s mounts directory (a pod sandbox exports it even when empty:
+/// its members' rootfs and volumes are bound into it later).
+pub fn share(state_dir: &Path) -> SharedDir {
+    SharedDir {
+        tag: TAG.into(),
+        host_path: state_dir.join(DIR),
+        readonly: false,
+    }
+}
+
+/// Where a pod member's rootfs and volumes go in its sandbox's share: the host directory,
+/// and its path relative to the share.
+pub fn member_dir(sandbox_dir: &Path, id: &str) -> (PathBuf, String) {
+    let rel = format!("c-{id}");
+    (sandbox_dir.join(DIR).join(&rel), rel)
+}
+
+/// The guest's path of something at `rel` in the share.
+pub fn guest_path(rel: &str) -> String {
+    format!("{GUEST_SHARES}/{TAG}/{rel}")
+}
+
+/// Binds each bind mount's host source under `dir` (as `dir/<n>`), and rewrites the spec's
+/// sources to `guest_dir/<n>`. Returns whether anything was bound.
+pub fn bind_sources(
+    spec: &mut Value,
+    dir: &Path,
+    guest_dir: &str,
+    can_share: bool,
+) -> anyhow::Result<bool> {
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return Ok(false);
+    };
     let mut any = false;
     for (n, m) in mounts.iter_mut().enumerate() {
         let dest = m["destination"].as_str().unwrap_or_default().to_string();
@@ -100,7 +134,7 @@ pub fn prepare(
             continue;
         }
         if !any {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             any = true;
         }
         let target = dir.join(n.to_string());
@@ -142,13 +176,9 @@ pub fn prepare(
             )
             .with_context(|| format!("making volume {} read-only", source.display()))?;
         }
-        m["source"] = format!("{GUEST_SHARES}/{TAG}/{n}").into();
+        m["source"] = format!("{guest_dir}/{n}").into();
     }
-    Ok(any.then(|| SharedDir {
-        tag: TAG.into(),
-        host_path: dir,
-        readonly: false,
-    }))
+    Ok(any)
 }
 
 /// Unmounts everything mounted under `dir` (deepest first), so that removing `dir` can never
@@ -170,6 +200,32 @@ pub fn unmount_all_under(dir: &Path) {
     for p in points {
         if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
             tracing::warn!("unmounting {}: {e}", p.display());
+        }
+    }
+}
+
+/// Unmounts everything under `dir`, then removes `dir` and the empty mount points in it,
+/// never anything with content: if an unmount failed, the data under it stays.
+pub fn remove_bound_dir(dir: &Path) {
+    unmount_all_under(dir);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            let r = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir(&path),
+                Ok(t) if t.is_file() && e.metadata().is_ok_and(|m| m.len() == 0) => {
+                    std::fs::remove_file(&path)
+                }
+                _ => Ok(()),
+            };
+            if let Err(err) = r {
+                tracing::warn!("removing mount point {}: {err}", path.display());
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
         }
     }
 }
