@@ -242,8 +242,17 @@ impl Sandbox {
 
     /// The same busybox as an OCI image archive (what `ctr images import` takes).
     pub fn oci_archive(&self, name: &str) -> PathBuf {
+        self.oci_image(name, &["sh"])
+    }
+
+    /// A busybox OCI image archive named `name` whose command is `cmd`.
+    pub fn oci_image(&self, name: &str, cmd: &[&str]) -> PathBuf {
         let layer = fs::read(self.rootfs_tar()).unwrap();
-        let layout = self.dir.join("oci");
+        let slug: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let layout = self.dir.join(format!("oci-{slug}"));
         let blobs = layout.join("blobs/sha256");
         fs::create_dir_all(&blobs).unwrap();
         let put = |bytes: &[u8]| -> (String, usize) {
@@ -262,7 +271,7 @@ impl Sandbox {
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
             "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                       "Cmd": ["sh"]},
+                       "Cmd": cmd},
             "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
         });
         let (config_digest, config_size) = put(config.to_string().as_bytes());
@@ -288,7 +297,7 @@ impl Sandbox {
             r#"{"imageLayoutVersion":"1.0.0"}"#,
         )
         .unwrap();
-        let archive = self.dir.join("busybox-oci.tar");
+        let archive = self.dir.join(format!("{slug}-oci.tar"));
         self.ok(
             Command::new("tar")
                 .arg("-C")

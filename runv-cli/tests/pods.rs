@@ -1,0 +1,175 @@
+//! Pods without an engine: runv given the annotations containerd's CRI plugin sets (a
+//! sandbox, then containers naming it, their network/IPC/UTS namespaces pointing at the
+//! sandbox's monitor as containerd points them at its task). Runs here under TCG and, from
+//! `scripts/test.sh`, inside the test host, where qemu runs the pod's VM with KVM.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::{Env, qemu_pids_for, text, wait_until};
+use serde_json::json;
+
+const SANDBOX_ID: &str = "pod-sandbox";
+
+fn sandbox_bundle(env: &Env) -> PathBuf {
+    let b = env.bundle("sandbox", &["sleep", "3600"]);
+    env.edit_spec(&b, |s| {
+        s["hostname"] = "pod-host".into();
+        s["annotations"] = json!({"io.kubernetes.cri.container-type": "sandbox"});
+    });
+    b
+}
+
+/// A member of the pod whose sandbox's monitor has `sandbox_pid`.
+fn member_bundle(env: &Env, name: &str, sandbox_pid: i64, args: &[&str]) -> PathBuf {
+    let b = env.bundle(name, args);
+    env.edit_spec(&b, |s| {
+        s.as_object_mut().unwrap().remove("hostname");
+        s["annotations"] = json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": SANDBOX_ID,
+        });
+        for ns in s["linux"]["namespaces"].as_array_mut().unwrap() {
+            let kind = ns["type"].as_str().unwrap().to_string();
+            let file = match kind.as_str() {
+                "network" => "net",
+                "ipc" | "uts" => &kind,
+                _ => continue,
+            };
+            ns["path"] = format!("/proc/{sandbox_pid}/ns/{file}").into();
+        }
+    });
+    b
+}
+
+/// `run --detach`, with files for stdio: the detached container keeps them open.
+fn run_detached(env: &Env, bundle: &std::path::Path, id: &str) {
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id),
+        180,
+    );
+    assert!(status.success(), "run -d {id}: {err}");
+}
+
+fn exec(env: &Env, id: &str, args: &[&str]) -> String {
+    let out = env.run_ok(env.runv().arg("exec").arg(id).args(args), 60);
+    text(&out.stdout).trim().to_string()
+}
+
+fn kvm_usable() -> bool {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    runv_api::cpuinfo_has_virt_flag(&cpuinfo) && std::path::Path::new("/dev/kvm").exists()
+}
+
+#[test]
+fn containers_of_a_pod_run_in_the_sandbox_vm() {
+    let env = Env::new("pod");
+    let host_boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let sandbox = sandbox_bundle(&env);
+    run_detached(&env, &sandbox, SANDBOX_ID);
+    let pid = env.state(SANDBOX_ID)["pid"].as_i64().unwrap();
+    let qemu = qemu_pids_for(&env.dir);
+    assert_eq!(qemu.len(), 1, "one VM for the sandbox");
+    if kvm_usable() {
+        let cmdline = fs::read(format!("/proc/{}/cmdline", qemu[0])).unwrap();
+        assert!(
+            text(&cmdline).contains("kvm"),
+            "the pod VM runs with KVM here"
+        );
+    }
+
+    // A member runs in the pod's VM with the pod's hostname, its own PID namespace, and
+    // exits with its own status.
+    let once = member_bundle(
+        &env,
+        "once",
+        pid,
+        &[
+            "sh",
+            "-c",
+            "hostname; cat /proc/sys/kernel/random/boot_id; cat /proc/1/cmdline; echo; exit 3",
+        ],
+    );
+    let out = env.run(
+        env.runv().args(["run", "--bundle"]).arg(&once).arg("once"),
+        120,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], "pod-host");
+    assert_ne!(lines[1], host_boot.trim(), "the member runs in a VM");
+    assert!(lines[2].starts_with("sh"), "own PID namespace: {lines:?}");
+    assert_eq!(
+        exec(
+            &env,
+            SANDBOX_ID,
+            &["cat", "/proc/sys/kernel/random/boot_id"]
+        ),
+        lines[1]
+    );
+    assert_eq!(qemu_pids_for(&env.dir).len(), 1, "no VM of its own");
+
+    // A long-running member: the sandbox's IPC namespace, its own PID namespace; exec,
+    // pause (its cgroup in the guest freezes, the VM and the sandbox go on), resume.
+    let sleeper = member_bundle(&env, "sleeper", pid, &["sleep", "3600"]);
+    run_detached(&env, &sleeper, "sleeper");
+    let ns = |id: &str, kind: &str| exec(&env, id, &["readlink", &format!("/proc/self/ns/{kind}")]);
+    assert_eq!(ns("sleeper", "ipc"), ns(SANDBOX_ID, "ipc"));
+    assert_eq!(ns("sleeper", "uts"), ns(SANDBOX_ID, "uts"));
+    assert_ne!(ns("sleeper", "pid"), ns(SANDBOX_ID, "pid"));
+    let ps = env.run_ok(env.runv().args(["ps", "sleeper"]), 30);
+    assert!(
+        text(&ps.stdout).contains("sleep 3600"),
+        "{}",
+        text(&ps.stdout)
+    );
+    env.run_ok(env.runv().args(["pause", "sleeper"]), 30);
+    assert_eq!(env.state("sleeper")["status"], "paused");
+    assert_eq!(exec(&env, SANDBOX_ID, &["echo", "vm-runs"]), "vm-runs");
+    env.run_ok(env.runv().args(["resume", "sleeper"]), 30);
+    assert_eq!(exec(&env, "sleeper", &["echo", "thawed"]), "thawed");
+
+    // delete --force of a member leaves the pod running.
+    env.run_ok(env.runv().args(["delete", "--force", "sleeper"]), 60);
+    assert_eq!(exec(&env, SANDBOX_ID, &["echo", "pod-runs"]), "pod-runs");
+
+    // A member naming a sandbox that does not exist: one clear line, nothing left.
+    let orphan = env.bundle("orphan", &["true"]);
+    env.edit_spec(&orphan, |s| {
+        s["annotations"] = json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "no-such-pod",
+        });
+    });
+    let out = env.run(
+        env.runv()
+            .args(["create", "--bundle"])
+            .arg(&orphan)
+            .arg("orphan"),
+        60,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("pod sandbox no-such-pod") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!env.root.join("orphan").exists());
+
+    // The sandbox's end is the pod's: a running member stops (137) with its VM.
+    let last = member_bundle(&env, "last", pid, &["sleep", "3600"]);
+    run_detached(&env, &last, "last");
+    env.run_ok(env.runv().args(["kill", SANDBOX_ID, "KILL"]), 30);
+    wait_until(60, "the member to stop with the pod", || {
+        env.state("last")["status"] == "stopped"
+    });
+    for id in ["last", SANDBOX_ID] {
+        env.run_ok(env.runv().args(["delete", id]), 60);
+    }
+    env.assert_clean();
+}
