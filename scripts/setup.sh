@@ -8,6 +8,8 @@ PACKAGES=(
     e2fsprogs cpio kmod xz-utils zstd   # guest image: initrd, module deps, kernel unpacking
     iproute2 iptables # network tests
     docker.io containerd podman   # engine tests: runv as their runtime
+    containernetworking-plugins   # the CRI pod test's CNI bridge network
+    protobuf-compiler # the CRI pod test's client: k8s-cri generates its gRPC code with protoc
     runc              # the no-VM reference in `cargo xtask bench`
     pkg-config
     libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)

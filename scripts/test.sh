@@ -57,6 +57,8 @@ in_test_host runv-cli devmapper_storage
 in_test_host driver-kvmtool plumbing
 # The test host is a cgroup v2 host (this machine is a v1/v2 hybrid): the VM's host cgroup there.
 in_test_host runv-cli host_cgroup
+# A pod's VM on qemu with KVM.
+in_test_host runv-cli pods
 
 echo "== fuzz (short: 20 s per target; \`cargo xtask fuzz --time 10m\` is the real run)"
 cargo xtask fuzz --time 100s

@@ -525,13 +525,11 @@ fn pods_through_containerd_cri_runv_and_runc() {
     assert_eq!(cri.mounts_under(&runv_root), Vec::<String>::new());
     // The shim puts runv's root in a directory per containerd namespace.
     let left: Vec<String> = std::fs::read_dir(runv_root.join("k8s.io"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
+        .expect("runv's root for the k8s.io namespace")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
     assert_eq!(
         left,
         Vec::<String>::new(),
