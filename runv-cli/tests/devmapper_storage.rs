@@ -7,8 +7,59 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::{Env, text};
+
+/// The driver's default pool (`runv` passes it no options), removed at the end of a test that
+/// made it, also when the test fails: its devices, loop devices and directory.
+struct DefaultPool {
+    made_here: bool,
+}
+
+const POOL_DIR: &str = "/var/lib/runv/devmapper";
+
+impl DefaultPool {
+    fn new() -> Self {
+        DefaultPool {
+            made_here: !Path::new(POOL_DIR).join("pool.json").exists(),
+        }
+    }
+}
+
+impl Drop for DefaultPool {
+    fn drop(&mut self) {
+        if !self.made_here {
+            return;
+        }
+        let dmsetup = |args: &[&str]| {
+            Command::new("dmsetup")
+                .env("DM_DISABLE_UDEV", "1")
+                .arg("--noudevsync")
+                .args(args)
+                .output()
+        };
+        // Bases are inactive once made and snapshots go with their containers: the pool is
+        // what is left active.
+        let _ = dmsetup(&["remove", "runv-pool"]);
+        let _ = std::fs::remove_file("/dev/mapper/runv-pool");
+        for f in ["metadata.img", "data.img"] {
+            let Ok(out) = Command::new("losetup")
+                .arg("-j")
+                .arg(Path::new(POOL_DIR).join(f))
+                .output()
+            else {
+                continue;
+            };
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(dev) = l.split(':').next() {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(POOL_DIR);
+    }
+}
 
 #[test]
 fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
@@ -66,6 +117,7 @@ fn lkvm() -> Option<PathBuf> {
 
 /// `lkvm`: the kvmtool binary, given to runv as `$RUNV_KVMTOOL`.
 fn thin_snapshot_run(id: &str, driver: &[&str], lkvm: Option<&Path>) {
+    let _pool = DefaultPool::new();
     let env = Env::new(id);
     let bundle = env.bundle(
         "b",
