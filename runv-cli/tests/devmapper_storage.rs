@@ -5,9 +5,10 @@
 //! kvmtool where a real `lkvm` is installed (`skipped: no lkvm` otherwise).
 
 mod common;
+#[path = "../../storage-devmapper/tests/dm_host/mod.rs"]
+mod dm_host;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::{Env, text};
 
@@ -32,30 +33,11 @@ impl Drop for DefaultPool {
         if !self.made_here {
             return;
         }
-        let dmsetup = |args: &[&str]| {
-            Command::new("dmsetup")
-                .env("DM_DISABLE_UDEV", "1")
-                .arg("--noudevsync")
-                .args(args)
-                .output()
-        };
         // Bases are inactive once made and snapshots go with their containers: the pool is
         // what is left active.
-        let _ = dmsetup(&["remove", "runv-pool"]);
-        let _ = std::fs::remove_file("/dev/mapper/runv-pool");
+        let _ = dm_host::remove("runv-pool");
         for f in ["metadata.img", "data.img"] {
-            let Ok(out) = Command::new("losetup")
-                .arg("-j")
-                .arg(Path::new(POOL_DIR).join(f))
-                .output()
-            else {
-                continue;
-            };
-            for l in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some(dev) = l.split(':').next() {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
-            }
+            dm_host::detach_loops(&Path::new(POOL_DIR).join(f));
         }
         let _ = std::fs::remove_dir_all(POOL_DIR);
     }

@@ -14,18 +14,11 @@ use nix::sys::stat::{major, minor};
 use runv_api::{RootfsSource, Storage, StorageRequest};
 use runv_storage_devmapper::{DM_CONTROL, DevmapperStorage, PoolState, base_name, gc};
 
-/// dmsetup as a host tool without udev (it then makes and removes /dev/mapper nodes itself).
-fn dmsetup(args: &[&str]) -> std::process::Output {
-    Command::new("dmsetup")
-        .env("DM_DISABLE_UDEV", "1")
-        .arg("--noudevsync")
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod dm_host;
+use dm_host::dmsetup;
 
 fn dm_exists(name: &str) -> bool {
-    dmsetup(&["info", name]).status.success()
+    dm_host::exists(name)
 }
 
 /// A test pool in its own directory, torn down at the end, also when the test fails.
@@ -74,30 +67,14 @@ impl Scratch {
     /// What a reboot does to the pool: its devices and loop devices are gone, its files stay.
     fn drop_devices(&self) {
         for n in self.devices() {
-            if dm_exists(&n) {
-                let out = dmsetup(&["remove", &n]);
-                assert!(out.status.success(), "dmsetup remove {n}: {out:?}");
-            }
-            let _ = fs::remove_file(Path::new("/dev/mapper").join(&n));
+            dm_host::remove(&n).unwrap();
         }
         self.detach_loops();
     }
 
-    /// Detaches the loop devices over the pool's files (`losetup -j`, then `-d` each).
     fn detach_loops(&self) {
         for f in ["metadata.img", "data.img"] {
-            let Ok(out) = Command::new("losetup")
-                .arg("-j")
-                .arg(self.dir.join("pool").join(f))
-                .output()
-            else {
-                continue;
-            };
-            for l in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some(dev) = l.split(':').next() {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
-            }
+            dm_host::detach_loops(&self.dir.join("pool").join(f));
         }
     }
 
@@ -116,10 +93,7 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         for n in self.devices() {
-            if dm_exists(&n) {
-                let _ = dmsetup(&["remove", &n]);
-            }
-            let _ = fs::remove_file(Path::new("/dev/mapper").join(&n));
+            let _ = dm_host::remove(&n);
         }
         self.detach_loops();
         let _ = fs::remove_dir_all(&self.dir);
@@ -154,7 +128,7 @@ fn block_path(p: &runv_api::PreparedRootfs) -> PathBuf {
         other => panic!("not a block rootfs: {other:?}"),
     };
     let name = path.file_name().unwrap().to_str().unwrap();
-    let out = dmsetup(&["info", "-c", "--noheadings", "-o", "major,minor", name]);
+    let out = dmsetup(&["info", "-c", "--noheadings", "-o", "major,minor", name]).unwrap();
     assert!(out.status.success(), "dmsetup info {name}: {out:?}");
     let numbers = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let md = fs::metadata(&path).unwrap();

@@ -252,15 +252,8 @@ mod tests {
         );
     }
 
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
-        use clap::Parser;
-        Cli::try_parse_from(std::iter::once("fuzz").chain(argv.iter().copied())).map(|c| c.args)
+        crate::parse_task_args(argv)
     }
 
     #[test]

@@ -89,3 +89,13 @@ pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Parses a task's arguments as clap would after `cargo xtask TASK` (for the tasks' tests).
+#[cfg(test)]
+pub fn parse_task_args<A: clap::Args + clap::FromArgMatches>(
+    argv: &[&str],
+) -> Result<A, clap::Error> {
+    let cmd = A::augment_args(clap::Command::new("task"));
+    let matches = cmd.try_get_matches_from(std::iter::once("task").chain(argv.iter().copied()))?;
+    A::from_arg_matches(&matches)
+}

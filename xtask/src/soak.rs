@@ -697,15 +697,8 @@ fn check_leaks(s: &mut Soak, id: &str, base_fds: usize, base_taps: usize) {
 mod tests {
     use super::*;
 
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
-        use clap::Parser;
-        Cli::try_parse_from(std::iter::once("soak").chain(argv.iter().copied())).map(|c| c.args)
+        crate::parse_task_args(argv)
     }
 
     #[test]
