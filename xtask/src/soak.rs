@@ -639,8 +639,11 @@ fn inject(s: &mut Soak, id: &str, fault: Fault, monitor: Option<i32>) -> anyhow:
 }
 
 fn check_leaks(s: &mut Soak, id: &str, base_fds: usize, base_taps: usize) {
-    if let Ok(st) = s.status(id).unwrap_or(Err(String::new())) {
-        s.problem(format!("lie: {id} reads {st} after delete --force"));
+    match s.status(id) {
+        Ok(Ok(st)) => s.problem(format!("lie: {id} reads {st} after delete --force")),
+        Ok(Err(_)) => {}
+        // Not a pass: the check did not run.
+        Err(e) => s.problem(format!("error: runv state {id} could not run: {e:#}")),
     }
     let left: Vec<String> = fs::read_dir(&s.root)
         .map(|d| {
