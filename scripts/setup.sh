@@ -13,7 +13,8 @@ PACKAGES=(
     runc              # the no-VM reference in `cargo xtask bench`
     pkg-config
     libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)
-    dmsetup           # storage-devmapper (thin pool and snapshots)
+    dmsetup           # storage-devmapper's tests observe the pool with it; its udev rules end dm's udev syncs
+    libdevmapper-dev libclang-dev   # building storage-devmapper: the devicemapper crate's bindgen reads dm-ioctl.h
     man-db bash-completion   # tests of the generated man pages and completions
     dpkg-dev lintian  # cargo xtask deb (dpkg-deb, dpkg-shlibdeps) and its checks
     afl++             # `cargo xtask fuzz`: coverage-guided fuzzing on the stable toolchain

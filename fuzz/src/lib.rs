@@ -43,6 +43,7 @@ pub mod monitor {
 macro_rules! target {
     ($name:ident) => {
         #[cfg(afl)]
+        // SAFETY: the only symbol of this name in the binary: AFL++'s driver calls it.
         #[unsafe(no_mangle)]
         pub extern "C" fn LLVMFuzzerTestOneInput(data: *const u8, size: usize) -> i32 {
             let data = if data.is_null() || size == 0 {
@@ -72,8 +73,9 @@ macro_rules! target {
 }
 
 /// Host side of the agent channel: the frame decoders (buffer and stream) and the mux that
-/// applies data, EOF and credit frames and hands control messages back.
-pub fn frames(data: &[u8]) {
+/// applies data, EOF and credit frames and hands control messages back. Accepted: the input is
+/// whole frames the mux takes.
+pub fn frames(data: &[u8]) -> bool {
     let mut rest = data;
     while let Ok(Some((frame, n))) = decode_frame(rest) {
         if frame.kind == FrameType::Control {
@@ -83,42 +85,50 @@ pub fn frames(data: &[u8]) {
     }
     let mux = Mux::new(Box::new(std::io::sink()));
     let mut r = FrameReader::new(data);
+    let mut handled = 0;
     while let Ok(Some(frame)) = r.read_frame() {
         if mux.handle_frame(frame).is_err() {
-            break;
+            return false;
         }
+        handled += 1;
     }
+    rest.is_empty() && handled > 0
 }
 
 /// Control messages, the agent's replies and events included, as a control frame carries
-/// them (JSON), and their re-encoding.
-pub fn messages(data: &[u8]) {
+/// them (JSON), and their re-encoding. Accepted: a message.
+pub fn messages(data: &[u8]) -> bool {
     let frame = Frame {
         kind: FrameType::Control,
         stream: 0,
         payload: data.to_vec(),
     };
-    if let Ok(msg) = frame.message() {
-        let _ = Frame::control(&msg).and_then(|f| f.encode());
-        let _ = format!("{msg:?}");
-    }
+    let Ok(msg) = frame.message() else {
+        return false;
+    };
+    let _ = Frame::control(&msg).and_then(|f| f.encode());
+    let _ = format!("{msg:?}");
+    true
 }
 
 /// The reader that skips a boot console's noise up to the agent's magic. The first byte
 /// sets how the stream is cut into reads, so magics split across reads are tried too.
-pub fn preamble(data: &[u8]) {
+/// Accepted: the magic was found.
+pub fn preamble(data: &[u8]) -> bool {
     let Some((&cut, rest)) = data.split_first() else {
-        return;
+        return false;
     };
     let mut r = Chunked {
         data: rest,
         step: usize::from(cut % 32) + 1,
     };
     let noise = Mutex::new(Default::default());
-    if let Ok(Some(after)) = runv_proto::preamble::read_to_magic(&mut r, 4096, &noise) {
-        let mut reader = FrameReader::new(std::io::Cursor::new(after).chain(r));
-        while let Ok(Some(_)) = reader.read_frame() {}
-    }
+    let Ok(Some(after)) = runv_proto::preamble::read_to_magic(&mut r, 4096, &noise) else {
+        return false;
+    };
+    let mut reader = FrameReader::new(std::io::Cursor::new(after).chain(r));
+    while let Ok(Some(_)) = reader.read_frame() {}
+    true
 }
 
 struct Chunked<'a> {
@@ -135,26 +145,42 @@ impl Read for Chunked<'_> {
     }
 }
 
-/// `<root>/<id>/state.json` as `runv state`, `list` and the hooks read it.
-pub fn state(data: &[u8]) {
+/// `<root>/<id>/state.json` as `runv state`, `list` and the hooks read it. Accepted: a state.
+pub fn state(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else {
-        return;
+        return false;
     };
-    if let Ok(s) = serde_json::from_str::<state::ContainerState>(text) {
-        let _ = s.to_runc_json().to_string();
-        let _ = s.to_list_json().to_string();
-        let _ = s.to_oci_json().to_string();
-    }
+    let Ok(s) = serde_json::from_str::<state::ContainerState>(text) else {
+        return false;
+    };
+    let _ = s.to_runc_json().to_string();
+    let _ = s.to_list_json().to_string();
+    let _ = s.to_oci_json().to_string();
+    true
 }
 
-/// `<root>/<id>/monitor.json`, what the monitor reads at its start.
-pub fn monitor(data: &[u8]) {
-    if let Ok(c) = serde_json::from_slice::<monitor::config::MonitorConfig>(data) {
-        let _ = serde_json::to_vec(&c);
-    }
+/// `<root>/<id>/monitor.json`, what the monitor reads at its start. Accepted: a config.
+pub fn monitor(data: &[u8]) -> bool {
+    let Ok(c) = serde_json::from_slice::<monitor::config::MonitorConfig>(data) else {
+        return false;
+    };
+    let _ = serde_json::to_vec(&c);
+    true
 }
 
-/// A starting corpus per target: valid inputs for the fuzzer to mutate.
+/// The target function of each target name.
+pub const TARGETS: [(&str, fn(&[u8]) -> bool); 5] = [
+    ("frames", frames),
+    ("messages", messages),
+    ("preamble", preamble),
+    ("state", state),
+    ("monitor", monitor),
+];
+
+/// A starting corpus per target: valid inputs for the fuzzer to mutate. Encoding the known
+/// messages cannot fail, so a failure panics here (the `seeds` program checks, besides, that
+/// each target accepts each of its seeds: a seed that rots as formats change would leave the
+/// fuzzer on error paths only).
 pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     use runv_proto::{Event, ExitStatus, Message, Request, ResponseBody};
     let msgs = vec![
@@ -187,28 +213,28 @@ pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ];
     let json: Vec<Vec<u8>> = msgs
         .iter()
-        .filter_map(|m| serde_json::to_vec(m).ok())
+        .map(|m| serde_json::to_vec(m).expect("encoding a seed message"))
         .collect();
     let mut wire = Vec::new();
     for m in &msgs {
-        if let Ok(f) = Frame::control(m) {
-            let _ = f.encode_into(&mut wire);
-        }
+        Frame::control(m)
+            .and_then(|f| f.encode_into(&mut wire))
+            .expect("framing a seed message");
     }
     for f in [
         Frame::data(3, b"hello\n"),
         Frame::credit(3, 4096),
         Frame::eof(3),
     ] {
-        let _ = f.encode_into(&mut wire);
+        f.encode_into(&mut wire).expect("framing a seed frame");
     }
     let mut pre = vec![7u8];
     pre.extend_from_slice(b"[    0.000000] Linux version 6.1\r\n");
     pre.extend_from_slice(runv_proto::AGENT_MAGIC);
     pre.extend_from_slice(&wire);
     let state = br#"{"ociVersion":"1.0.2","id":"c1","status":"running","pid":1,"bundle":"/b","annotations":{"a":"b"},"created":"2026-01-01T00:00:00Z","owner":"","runv":{"driver":"qemu","driver_file":"/d/q.so","storage":null,"rootfs":"/b/rootfs","monitor_start_time":5,"exit_status":null,"console_log":"/r/c1/console.log","vm_pids":[2],"vm_start_times":[6]}}"#;
-    let monitor =
-        serde_json::to_vec(&monitor::config::MonitorConfig::default()).unwrap_or_default();
+    let monitor = serde_json::to_vec(&monitor::config::MonitorConfig::default())
+        .expect("encoding the default monitor config");
     vec![
         ("frames", vec![wire.clone()]),
         ("messages", json),

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
-use nix::sys::reboot::{RebootMode, reboot};
 use runv_proto::Mux;
 
 use crate::log::{self, Level};
 use crate::modules::Modules;
+use crate::power::power_off;
 use crate::reaper::Reaper;
 use crate::server::Agent;
 
@@ -202,21 +202,5 @@ fn make_raw(f: &File) {
     if let Ok(mut t) = tcgetattr(f.as_fd()) {
         cfmakeraw(&mut t);
         let _ = tcsetattr(f.as_fd(), SetArg::TCSANOW, &t);
-    }
-}
-
-/// Syncs and ends the VM: power off, or reboot when `runv.exit=reboot` (for hypervisors
-/// without ACPI power-off; qemu runs with -no-reboot, so either ends it).
-pub fn power_off(reboot_instead: bool) -> ! {
-    nix::unistd::sync();
-    let mode = if reboot_instead {
-        RebootMode::RB_AUTOBOOT
-    } else {
-        RebootMode::RB_POWER_OFF
-    };
-    let e = reboot(mode);
-    crate::error!("reboot: {e:?}");
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
     }
 }

@@ -846,7 +846,7 @@ impl Agent {
 
     pub fn power_off(&self) {
         std::thread::sleep(Duration::from_millis(50));
-        crate::init::power_off(self.reboot_to_exit);
+        crate::power::power_off(self.reboot_to_exit);
     }
 }
 

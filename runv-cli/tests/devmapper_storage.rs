@@ -5,10 +5,43 @@
 //! kvmtool where a real `lkvm` is installed (`skipped: no lkvm` otherwise).
 
 mod common;
+#[path = "../../storage-devmapper/tests/dm_host/mod.rs"]
+mod dm_host;
 
 use std::path::{Path, PathBuf};
 
 use common::{Env, text};
+
+/// The driver's default pool (`runv` passes it no options), removed at the end of a test that
+/// made it, also when the test fails: its devices, loop devices and directory.
+struct DefaultPool {
+    made_here: bool,
+}
+
+const POOL_DIR: &str = "/var/lib/runv/devmapper";
+
+impl DefaultPool {
+    fn new() -> Self {
+        DefaultPool {
+            made_here: !Path::new(POOL_DIR).join("pool.json").exists(),
+        }
+    }
+}
+
+impl Drop for DefaultPool {
+    fn drop(&mut self) {
+        if !self.made_here {
+            return;
+        }
+        // Bases are inactive once made and snapshots go with their containers: the pool is
+        // what is left active.
+        let _ = dm_host::remove("runv-pool");
+        for f in ["metadata.img", "data.img"] {
+            dm_host::detach_loops(&Path::new(POOL_DIR).join(f));
+        }
+        let _ = std::fs::remove_dir_all(POOL_DIR);
+    }
+}
 
 #[test]
 fn a_container_runs_on_a_thin_snapshot_and_delete_removes_it() {
@@ -66,6 +99,7 @@ fn lkvm() -> Option<PathBuf> {
 
 /// `lkvm`: the kvmtool binary, given to runv as `$RUNV_KVMTOOL`.
 fn thin_snapshot_run(id: &str, driver: &[&str], lkvm: Option<&Path>) {
+    let _pool = DefaultPool::new();
     let env = Env::new(id);
     let bundle = env.bundle(
         "b",

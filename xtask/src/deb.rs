@@ -103,8 +103,9 @@ const PLUGINS: &[Plugin] = &[
     Plugin {
         package: "runv-storage-devmapper",
         file: "librunv_storage_devmapper.so",
-        // dmsetup, mkfs.ext4 and losetup (mount) are what it runs (and blockdev, from the
-        // essential util-linux).
+        // mkfs.ext4 and losetup (mount) are what it runs (and blockdev, from the essential
+        // util-linux). It drives device-mapper through ioctls, but where udev runs,
+        // dmsetup's udev rules (95-dm-notify.rules) are what completes each udev sync.
         depends: "dmsetup, e2fsprogs, mount",
         recommends: "",
         summary: "device-mapper thin snapshot storage driver for runv",
@@ -169,6 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fs::remove_dir_all(&ctx.work)
             .with_context(|| format!("clearing {}", ctx.work.display()))?;
     }
+    let _work = WorkDir(ctx.work.clone());
     mkdir(&ctx.work.join("debian"))?;
     // dpkg-shlibdeps wants to run in a source tree: a debian/control naming the packages.
     write(
@@ -182,7 +184,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let deb = if package == "runv" {
             ctx.runv_package()?
         } else {
-            let plugin = PLUGINS.iter().find(|p| p.package == package).unwrap();
+            let plugin = PLUGINS
+                .iter()
+                .find(|p| p.package == package)
+                .context("a wanted package that is no plugin")?;
             ctx.plugin_package(plugin)?
         };
         fix_dir_modes(&deb)?;
@@ -204,6 +209,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         run_cmd(&mut cmd).context("lintian (install it with scripts/setup.sh)")?;
     }
     Ok(())
+}
+
+/// Removes the packaging work tree on every way out, failures included.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 struct Ctx {
@@ -248,15 +262,15 @@ impl Ctx {
         ] {
             install(&completions.join(file), &pkg.join(dest), 0o644)?;
         }
-        fs::remove_dir_all(&generated)?;
+        fs::remove_dir_all(&generated)
+            .with_context(|| format!("removing {}", generated.display()))?;
         let deb = self.root.join("xtask/deb");
         install(
             &deb.join("config.toml"),
             &pkg.join("etc/runv/config.toml"),
             0o644,
         )?;
-        let copyright = fs::read_to_string(deb.join("copyright"))?
-            + &fs::read_to_string(deb.join("copyright-guest"))?;
+        let copyright = read(&deb.join("copyright"))? + &read(&deb.join("copyright-guest"))?;
         self.doc_files(&pkg, "runv", &copyright)?;
         write(
             &pkg.join("usr/share/lintian/overrides/runv"),
@@ -303,7 +317,7 @@ impl Ctx {
         let pkg = self.work.join("debian").join(plugin.package);
         let so = pkg.join("usr/lib/runv").join(plugin.file);
         install_stripped(&self.built.join(plugin.file), &so, 0o644)?;
-        let copyright = fs::read_to_string(self.root.join("xtask/deb/copyright"))?;
+        let copyright = read(&self.root.join("xtask/deb/copyright"))?;
         self.doc_files(&pkg, plugin.package, &copyright)?;
         let mut depends = self.shlibs(&[&so])?;
         if !plugin.depends.is_empty() {
@@ -433,14 +447,19 @@ fn mkdir(dir: &Path) -> anyhow::Result<()> {
 
 /// Every directory of a package is 0755 whatever the umask.
 fn fix_dir_modes(dir: &Path) -> anyhow::Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
+    let context = || format!("setting the modes under {}", dir.display());
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).with_context(context)?;
+    for entry in fs::read_dir(dir).with_context(context)? {
+        let entry = entry.with_context(context)?;
+        if entry.file_type().with_context(context)?.is_dir() {
             fix_dir_modes(&entry.path())?;
         }
     }
     Ok(())
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
@@ -481,12 +500,13 @@ fn installed_size_kib(pkg: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     let mut stack = vec![pkg.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
+        let context = || format!("measuring {}", dir.display());
+        for entry in fs::read_dir(&dir).with_context(context)? {
+            let entry = entry.with_context(context)?;
             if entry.file_name() == "DEBIAN" {
                 continue;
             }
-            let meta = entry.metadata()?;
+            let meta = entry.metadata().with_context(context)?;
             if meta.is_dir() {
                 total += 1;
                 stack.push(entry.path());

@@ -154,15 +154,8 @@ mod tests {
         assert_eq!(plugin_name("librunv_other_x.so"), None);
     }
 
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
-    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
-        use clap::Parser;
-        Cli::try_parse_from(std::iter::once("dist").chain(args.iter().copied())).map(|c| c.args)
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        crate::parse_task_args(argv)
     }
 
     #[test]

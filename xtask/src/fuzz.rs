@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-pub const TARGETS: &[&str] = &["frames", "messages", "preamble", "state", "monitor"];
+use crate::workspace_root;
+
+pub const TARGETS: [&str; 5] = ["frames", "messages", "preamble", "state", "monitor"];
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
 const AFL_LIB_DIR: &str = "/usr/lib/afl";
 
@@ -26,10 +28,20 @@ const RUSTFLAGS: &str = "-C debug-assertions -C overflow-checks -C passes=sancov
     -C llvm-args=-sanitizer-coverage-prune-blocks=0 \
     -C llvm-args=-sanitizer-coverage-trace-compares -C opt-level=3 --cfg fuzzing";
 
-struct Args {
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// total fuzzing time, shared by the targets (e.g. 100s, 10m, 1h)
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     time: Duration,
+    /// fuzz only these targets (default: all)
+    #[arg(long = "target", value_name = "NAME",
+          value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     targets: Vec<String>,
-    build: bool,
+    /// use the fuzz targets as built
+    #[arg(long)]
+    no_build: bool,
+    /// keep AFL++'s output here (default: target/fuzz/out)
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
 
@@ -47,58 +59,16 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     if n == 0 {
         bail!("bad duration {s:?}: must be more than 0");
     }
-    Ok(Duration::from_secs(n * mult))
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .with_context(|| format!("bad duration {s:?}: too long"))
 }
 
-fn parse(args: &[String]) -> anyhow::Result<Args> {
-    let mut a = Args {
-        time: Duration::from_secs(600),
-        targets: Vec::new(),
-        build: true,
-        out: None,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{flag} needs a value"))
-        };
-        match arg.as_str() {
-            "--time" => a.time = parse_duration(&value("--time")?)?,
-            "--target" => {
-                let t = value("--target")?;
-                if !TARGETS.contains(&t.as_str()) {
-                    bail!(
-                        "unknown fuzz target {t:?} (targets: {})",
-                        TARGETS.join(", ")
-                    );
-                }
-                a.targets.push(t);
-            }
-            "--no-build" => a.build = false,
-            "--out" => a.out = Some(PathBuf::from(value("--out")?)),
-            other => bail!(
-                "unknown fuzz argument {other:?}\nusage: cargo xtask fuzz [--time 10m] [--target NAME]... [--no-build] [--out DIR]"
-            ),
-        }
-    }
+pub fn run(mut a: Args) -> anyhow::Result<()> {
     if a.targets.is_empty() {
         a.targets = TARGETS.iter().map(|s| s.to_string()).collect();
     }
-    Ok(a)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let a = parse(args)?;
-    let root = workspace_root();
+    let root = workspace_root()?;
     let afl = which("afl-fuzz").context(
         "afl-fuzz not found: install AFL++ (`apt-get install afl++`, scripts/setup.sh does)",
     )?;
@@ -113,7 +83,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let target_dir = root.join("target/fuzz");
     let bin_dir = target_dir.join(TRIPLE).join("release");
-    if a.build {
+    if !a.no_build {
         // --target keeps the flags off build scripts and proc macros (they are not linked
         // with AFL++'s runtime).
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -251,9 +221,51 @@ mod tests {
     }
 
     #[test]
-    fn unknown_targets_are_refused() {
-        assert!(parse(&["--target".into(), "nope".into()]).is_err());
-        let a = parse(&["--target".into(), "state".into()]).unwrap();
-        assert_eq!(a.targets, ["state"]);
+    fn overlong_durations_are_refused() {
+        assert!(parse_duration("99999999999999999h").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    /// The targets named here are fuzz/'s programs (all but `seeds`), also those its build
+    /// script links with AFL++'s driver.
+    #[test]
+    fn targets_are_the_fuzz_crates_programs() {
+        let fuzz = workspace_root().unwrap().join("fuzz");
+        let manifest = std::fs::read_to_string(fuzz.join("Cargo.toml")).unwrap();
+        let mut bins: Vec<&str> = manifest
+            .split("[[bin]]")
+            .skip(1)
+            .filter_map(|b| b.lines().find_map(|l| l.trim().strip_prefix("name = ")))
+            .map(|n| n.trim_matches('"'))
+            .filter(|n| *n != "seeds")
+            .collect();
+        bins.sort_unstable();
+        let mut ours = TARGETS.to_vec();
+        ours.sort_unstable();
+        assert_eq!(bins, ours);
+        let build = std::fs::read_to_string(fuzz.join("build.rs")).unwrap();
+        let quoted: Vec<String> = TARGETS.iter().map(|t| format!("\"{t}\"")).collect();
+        assert!(
+            build.contains(&format!("[{}]", quoted.join(", "))),
+            "fuzz/build.rs lists other targets"
+        );
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        crate::parse_task_args(argv)
+    }
+
+    #[test]
+    fn arguments() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.time, Duration::from_secs(600));
+        assert!(a.targets.is_empty() && !a.no_build);
+        let a = parse(&["--target", "state", "--target", "frames", "--time", "20s"]).unwrap();
+        assert_eq!(a.targets, ["state", "frames"]);
+        assert_eq!(a.time, Duration::from_secs(20));
+        assert!(parse(&["--target", "nope"]).is_err());
+        assert!(parse(&["--time", "0"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
     }
 }

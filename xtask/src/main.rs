@@ -44,87 +44,9 @@ enum Task {
     /// Generate runv's bash, zsh and fish completions (bash also completes container ids)
     Completions(docs::CompletionsArgs),
     /// AFL++ on the protocol decoders and state parsers (fuzz/), the time shared by targets
-    Fuzz(FuzzArgs),
+    Fuzz(fuzz::Args),
     /// N real-VM lifecycles, with random kills, stops, races and damaged state; checks leaks
-    Soak(SoakArgs),
-}
-
-/// `cargo xtask fuzz` (fuzz.rs checks the values).
-#[derive(clap::Args, Debug)]
-struct FuzzArgs {
-    /// total fuzzing time, shared by the targets (e.g. 100s, 10m)
-    #[arg(long, value_name = "DURATION")]
-    time: Option<String>,
-    /// fuzz only these targets (frames, messages, preamble, state, monitor)
-    #[arg(long, value_name = "NAME")]
-    target: Vec<String>,
-    /// use the fuzz targets as built
-    #[arg(long)]
-    no_build: bool,
-    /// keep AFL++'s output here
-    #[arg(long, value_name = "DIR")]
-    out: Option<String>,
-}
-
-impl FuzzArgs {
-    fn argv(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if let Some(t) = &self.time {
-            v.extend(["--time".to_string(), t.clone()]);
-        }
-        for t in &self.target {
-            v.extend(["--target".to_string(), t.clone()]);
-        }
-        if self.no_build {
-            v.push("--no-build".into());
-        }
-        if let Some(o) = &self.out {
-            v.extend(["--out".to_string(), o.clone()]);
-        }
-        v
-    }
-}
-
-/// `cargo xtask soak` (soak.rs checks the values).
-#[derive(clap::Args, Debug)]
-struct SoakArgs {
-    /// how many lifecycles
-    #[arg(long, value_name = "N")]
-    cycles: Option<String>,
-    /// random SIGKILL/SIGSTOP of monitor, VMM and CLI, racing operations, damaged state
-    #[arg(long)]
-    faults: bool,
-    /// the random seed (printed by every run, to repeat one)
-    #[arg(long, value_name = "S")]
-    seed: Option<String>,
-    /// use the debug build as it is
-    #[arg(long)]
-    no_build: bool,
-    /// go on after a cycle with a problem
-    #[arg(long)]
-    keep_going: bool,
-}
-
-impl SoakArgs {
-    fn argv(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if let Some(c) = &self.cycles {
-            v.extend(["--cycles".to_string(), c.clone()]);
-        }
-        if let Some(s) = &self.seed {
-            v.extend(["--seed".to_string(), s.clone()]);
-        }
-        for (on, flag) in [
-            (self.faults, "--faults"),
-            (self.no_build, "--no-build"),
-            (self.keep_going, "--keep-going"),
-        ] {
-            if on {
-                v.push(flag.to_string());
-            }
-        }
-        v
-    }
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -145,8 +67,8 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Deb(args) => deb::run(args),
         Task::Man(args) => docs::run_man(args),
         Task::Completions(args) => docs::run_completions(args),
-        Task::Fuzz(args) => fuzz::run(&args.argv()),
-        Task::Soak(args) => soak::run(&args.argv()),
+        Task::Fuzz(args) => fuzz::run(args),
+        Task::Soak(args) => soak::run(args),
     }
 }
 
@@ -166,4 +88,14 @@ pub fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Parses a task's arguments as clap would after `cargo xtask TASK` (for the tasks' tests).
+#[cfg(test)]
+pub fn parse_task_args<A: clap::Args + clap::FromArgMatches>(
+    argv: &[&str],
+) -> Result<A, clap::Error> {
+    let cmd = A::augment_args(clap::Command::new("task"));
+    let matches = cmd.try_get_matches_from(std::iter::once("task").chain(argv.iter().copied()))?;
+    A::from_arg_matches(&matches)
 }

@@ -8,51 +8,43 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-struct Args {
+use crate::workspace_root;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// how many lifecycles
+    #[arg(long, value_name = "N", default_value_t = 10)]
     cycles: u64,
+    /// random SIGKILL/SIGSTOP of monitor, VMM and CLI, racing operations, damaged state
+    #[arg(long)]
     faults: bool,
-    seed: u64,
-    build: bool,
+    /// the random seed (printed by every run, to repeat one; default: from the clock)
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// use the debug build as it is
+    #[arg(long)]
+    no_build: bool,
+    /// go on after a cycle with a problem
+    #[arg(long)]
     keep_going: bool,
 }
 
-fn parse(args: &[String]) -> anyhow::Result<Args> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let mut a = Args {
-        cycles: 10,
-        faults: false,
-        seed: nanos | 1,
-        build: true,
-        keep_going: false,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut num = |flag: &str| -> anyhow::Result<u64> {
-            let v = it.next().with_context(|| format!("{flag} needs a value"))?;
-            v.parse()
-                .with_context(|| format!("{flag} {v:?}: not a number"))
-        };
-        match arg.as_str() {
-            "--cycles" => a.cycles = num("--cycles")?,
-            "--seed" => a.seed = num("--seed")?.max(1),
-            "--faults" => a.faults = true,
-            "--no-build" => a.build = false,
-            "--keep-going" => a.keep_going = true,
-            other => bail!(
-                "unknown soak argument {other:?}\nusage: cargo xtask soak --cycles N [--faults] [--seed S] [--no-build] [--keep-going]"
-            ),
-        }
-    }
-    Ok(a)
+/// The seed: the one given (0 is xorshift's fixed point, so at least 1), else the clock.
+fn seed(given: Option<u64>) -> u64 {
+    given.map(|s| s.max(1)).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1
+    })
 }
 
 /// xorshift64*: reproducible from the printed seed, no dependency.
@@ -290,17 +282,10 @@ fn loops_under(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let a = parse(args)?;
-    let ws = workspace_root();
-    if a.build {
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let seed = seed(a.seed);
+    let ws = workspace_root()?;
+    if !a.no_build {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&ws)
             .args([
@@ -329,9 +314,16 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("runv-soak-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
+    // Root's alone, like runv's own state (the logs of failed creates are kept in it).
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let bundle = dir.join("bundle");
-    make_bundle(&runv, &bundle)?;
+    if let Err(e) = make_bundle(&runv, &bundle) {
+        let _ = fs::remove_dir_all(&dir);
+        return Err(e);
+    }
     let mut s = Soak {
         runv,
         root: dir.join("state"),
@@ -340,13 +332,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         seq: 0,
         problems: Vec::new(),
     };
-    let mut rng = Rng(a.seed);
+    let mut rng = Rng(seed);
     println!(
         "soak: {} cycles{}, seed {} (--seed {} repeats it), in {}",
         a.cycles,
         if a.faults { " with faults" } else { "" },
-        a.seed,
-        a.seed,
+        seed,
+        seed,
         dir.display()
     );
     let base_fds = fd_count();
@@ -435,17 +427,23 @@ fn make_bundle(runv: &Path, bundle: &Path) -> anyhow::Result<()> {
     fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .context("busybox-static is needed: /bin/busybox")?;
     for applet in ["sh", "sleep", "echo", "true", "cat"] {
-        let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+        let link = rootfs.join("bin").join(applet);
+        std::os::unix::fs::symlink("busybox", &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     let st = Command::new(runv)
         .args(["spec", "--bundle"])
         .arg(bundle)
-        .status()?;
+        .status()
+        .with_context(|| format!("running {} spec", runv.display()))?;
     if !st.success() {
-        bail!("runv spec failed");
+        bail!("runv spec failed ({st})");
     }
     let path = bundle.join("config.json");
-    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&path)?)?;
+    let mut spec: serde_json::Value = serde_json::from_slice(
+        &fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
     spec["process"]["terminal"] = false.into();
     spec["root"]["readonly"] = false.into();
     spec["process"]["args"] = serde_json::json!(["sleep", "100000"]);
@@ -641,8 +639,11 @@ fn inject(s: &mut Soak, id: &str, fault: Fault, monitor: Option<i32>) -> anyhow:
 }
 
 fn check_leaks(s: &mut Soak, id: &str, base_fds: usize, base_taps: usize) {
-    if let Ok(st) = s.status(id).unwrap_or(Err(String::new())) {
-        s.problem(format!("lie: {id} reads {st} after delete --force"));
+    match s.status(id) {
+        Ok(Ok(st)) => s.problem(format!("lie: {id} reads {st} after delete --force")),
+        Ok(Err(_)) => {}
+        // Not a pass: the check did not run.
+        Err(e) => s.problem(format!("error: runv state {id} could not run: {e:#}")),
     }
     let left: Vec<String> = fs::read_dir(&s.root)
         .map(|d| {
@@ -699,12 +700,25 @@ fn check_leaks(s: &mut Soak, id: &str, base_fds: usize, base_taps: usize) {
 mod tests {
     use super::*;
 
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        crate::parse_task_args(argv)
+    }
+
     #[test]
     fn arguments() {
-        let a = parse(&["--cycles".into(), "7".into(), "--faults".into()]).unwrap();
-        assert_eq!((a.cycles, a.faults), (7, true));
-        assert!(parse(&["--cycles".into(), "x".into()]).is_err());
-        assert!(parse(&["--bogus".into()]).is_err());
+        let a = parse(&["--cycles", "7", "--faults"]).unwrap();
+        assert_eq!((a.cycles, a.faults, a.no_build), (7, true, false));
+        assert_eq!(parse(&[]).unwrap().cycles, 10);
+        assert!(parse(&["--cycles", "x"]).is_err());
+        assert!(parse(&["--seed", "-1"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn seeds_are_never_zero() {
+        assert_eq!(seed(Some(0)), 1);
+        assert_eq!(seed(Some(42)), 42);
+        assert_ne!(seed(None), 0);
     }
 
     #[test]

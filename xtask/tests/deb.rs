@@ -204,7 +204,10 @@ fn packages_install_run_refuse_a_foreign_abi_and_purge_clean() {
     };
     // A plugin cannot come before runv: nothing provides its ABI yet.
     let out = dpkg(&["-i"], &[&deb(&debs, "runv-driver-qemu")]);
-    assert!(!out.status.success());
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("runv-abi-"), "refused for its ABI: {said}");
+    assert!(!Path::new("/usr/lib/runv/librunv_driver_qemu.so").exists());
     assert!(!installed("runv-driver-qemu"));
 
     dpkg_ok(&["-i"], &[&deb(&debs, "runv")]);

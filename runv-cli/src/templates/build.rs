@@ -118,6 +118,7 @@ pub fn build(request: &Request, wait: bool) -> anyhow::Result<Option<Meta>> {
         }
         return Ok(Some(meta));
     }
+    remove_leftovers(&store, &key)?;
     if let Some(name) = &request.name {
         if let Some(other) = store.find(name)? {
             bail!(
@@ -232,6 +233,26 @@ pub fn build(request: &Request, wait: bool) -> anyhow::Result<Option<Meta>> {
     Ok(Some(meta))
 }
 
+/// Removes what is left of `key` but no complete template: the directories of builds that
+/// died (`.tmp-<key>-<pid>`), of removals that died (`.trash-<key>-<pid>`), and a damaged
+/// `<key>/` (its `template.json` or a file missing or unreadable), which would otherwise make
+/// every later build of `key` fail at the rename. Called under the key's exclusive lock, so no
+/// build or restore of it is under way; running clones keep their unlinked RAM file.
+fn remove_leftovers(store: &Store, key: &str) -> anyhow::Result<()> {
+    let (tmp, trash) = (format!(".tmp-{key}-"), format!(".trash-{key}-"));
+    let dir = store.dir();
+    let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == key || name.starts_with(&tmp) || name.starts_with(&trash) {
+            let path = entry.path();
+            tracing::debug!("removing the template leftover {}", path.display());
+            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes the unnamed templates that `meta` replaces: made from the same kernel and initrd
 /// paths for the same shape, with other file contents or versions. They can never be restored
 /// again (the files at those paths changed), so they would only take disk space. Named ones
@@ -316,6 +337,41 @@ pub fn background_main(json: &str) -> ExitCode {
                 );
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_one_key_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("runv-tpl-left-{}", std::process::id()));
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let _remove = Remove(dir.clone());
+        let store = Store::open(&dir).unwrap();
+        let (gone, kept) = (
+            ["k", ".tmp-k-1", ".trash-k-2"],
+            ["kk", "other", ".tmp-other-3", ".tmp-kk-4", ".locks"],
+        );
+        for d in gone.iter().chain(&kept) {
+            fs::create_dir_all(dir.join(d).join("sub")).unwrap();
+        }
+        // A damaged template: its state file is there, template.json is not.
+        fs::write(dir.join("k").join(runv_api::TEMPLATE_STATE_FILE), b"x").unwrap();
+        assert!(store.get("k").is_none());
+        remove_leftovers(&store, "k").unwrap();
+        for d in gone {
+            assert!(!dir.join(d).exists(), "{d} left");
+        }
+        for d in kept {
+            assert!(dir.join(d).exists(), "{d} removed");
         }
     }
 }

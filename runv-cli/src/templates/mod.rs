@@ -22,11 +22,12 @@ pub use mode::{Mode, validate_name};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -70,7 +71,9 @@ pub struct Shape {
 impl Shape {
     /// The store key: the first 24 hex digits of the SHA-256 of the shape's JSON.
     pub fn key(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        // Strings, numbers and a string map always encode; a fallback here would give every
+        // shape the same key.
+        let json = serde_json::to_vec(self).expect("a Shape encodes as JSON");
         let digest = Sha256::digest(&json);
         digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
     }
@@ -98,24 +101,22 @@ pub struct Store {
     dir: PathBuf,
 }
 
-/// A held `flock`, released when dropped (the file closes).
+/// A held `flock`, released when dropped.
 pub struct Lock {
-    _file: File,
+    _flock: Flock<File>,
 }
 
 impl Store {
-    /// Opens (creating, mode 0700) the store at `dir`.
+    /// Opens (creating, mode 0700, with its parents) the store at `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = dir.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("creating the template store {}", dir.display()))?;
+        }
         for d in [dir.to_path_buf(), dir.join(".locks")] {
             match private_dir(&d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && d == dir => {
-                    fs::create_dir_all(dir).with_context(|| {
-                        format!("creating the template store {}", dir.display())
-                    })?;
-                    let _ = private_dir(&dir.join(".locks"));
-                }
                 Err(e) => {
                     return Err(e).with_context(|| format!("creating {}", d.display()));
                 }
@@ -143,24 +144,21 @@ impl Store {
             .mode(FILE_MODE)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let mut op = if exclusive {
-            nix::libc::LOCK_EX
-        } else {
-            nix::libc::LOCK_SH
+        let arg = match (exclusive, wait) {
+            (true, true) => FlockArg::LockExclusive,
+            (true, false) => FlockArg::LockExclusiveNonblock,
+            (false, true) => FlockArg::LockShared,
+            (false, false) => FlockArg::LockSharedNonblock,
         };
-        if !wait {
-            op |= nix::libc::LOCK_NB;
-        }
+        let mut file = file;
         loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { nix::libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(Some(Lock { _file: file }));
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(nix::libc::EINTR) => continue,
-                Some(nix::libc::EWOULDBLOCK) if !wait => return Ok(None),
-                _ => return Err(e).with_context(|| format!("locking {}", path.display())),
+            match Flock::lock(file, arg) {
+                Ok(flock) => return Ok(Some(Lock { _flock: flock })),
+                Err((f, Errno::EINTR)) => file = f,
+                Err((_, Errno::EWOULDBLOCK)) if !wait => return Ok(None),
+                Err((_, e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()));
+                }
             }
         }
     }
@@ -352,10 +350,45 @@ mod tests {
         assert!(Mode::parse(Some(".hidden")).is_err());
     }
 
+    /// A scratch directory, removed also when the test fails.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(what: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("runv-tpl-{what}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        Scratch(dir)
+    }
+
+    #[test]
+    fn a_new_store_and_its_parents_are_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = scratch("open");
+        let dir = s.0.join("a/b/templates");
+        let store = Store::open(&dir).unwrap();
+        for d in [dir.clone(), dir.join(".locks")] {
+            let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let held = store.try_lock_exclusive("k").unwrap().expect("a free lock");
+        assert!(store.try_lock_exclusive("k").unwrap().is_none(), "held");
+        drop(held);
+        let _shared = store.lock_shared("k").unwrap();
+        assert!(
+            store.try_lock_exclusive("k").unwrap().is_none(),
+            "held shared"
+        );
+    }
+
     #[test]
     fn content_hash_is_cached_and_follows_changes() {
-        let dir = std::env::temp_dir().join(format!("runv-tpl-hash-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let s = scratch("hash");
+        let dir = s.0.clone();
         let store = Store::open(&dir).unwrap();
         let file = dir.join("f");
         fs::write(&file, b"abc").unwrap();
@@ -367,6 +400,5 @@ mod tests {
         assert_eq!(store.content_hash(&file).unwrap(), h1);
         fs::write(&file, b"abd").unwrap();
         assert_ne!(store.content_hash(&file).unwrap(), h1);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
