@@ -541,3 +541,57 @@ fn pods_through_containerd_cri_runv_and_runc() {
         .stdout;
     assert_eq!(out.trim(), "", "pod network namespaces left");
 }
+
+/// `cargo xtask bench` (section "pods"): from RunPodSandbox to a container's first line in its
+/// CRI log, and for one more container in the running pod, under runv and runc alternately.
+/// Prints one `BENCH-PODS <json>` line; `RUNV_BENCH_RUNS` rounds (default 3).
+#[test]
+#[ignore = "a benchmark: run by cargo xtask bench"]
+fn pod_start_bench() {
+    let Some(cri) = Cri::start() else {
+        println!(
+            "BENCH-PODS {}",
+            serde_json::json!({"skipped": "no containerd CRI here"})
+        );
+        return;
+    };
+    let runs: usize = std::env::var("RUNV_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut samples: std::collections::BTreeMap<&str, (Vec<f64>, Vec<f64>)> = Default::default();
+    for round in 0..runs {
+        for handler in ["runv", "runc"] {
+            let t0 = Instant::now();
+            let pod = cri.run_pod(&format!("bench-{handler}-{round}"), handler);
+            cri.container(&pod, "first", &["sh", "-c", "echo first; exec sleep 3600"]);
+            cri.wait_log(&pod, "first", "stdout F first");
+            let pod_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let t1 = Instant::now();
+            cri.container(
+                &pod,
+                "second",
+                &["sh", "-c", "echo second; exec sleep 3600"],
+            );
+            cri.wait_log(&pod, "second", "stdout F second");
+            let extra_ms = t1.elapsed().as_secs_f64() * 1e3;
+            cri.remove_pod(&pod.0);
+            let e = samples.entry(handler).or_default();
+            e.0.push(pod_ms);
+            e.1.push(extra_ms);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut report = serde_json::json!({"runs": runs});
+    for (handler, (pod, extra)) in &samples {
+        report[*handler] = serde_json::json!({
+            "pod_to_first_output_ms": {"median": median(pod), "min": pod.iter().copied().fold(f64::MAX, f64::min), "max": pod.iter().copied().fold(0.0, f64::max)},
+            "extra_container_ms": {"median": median(extra), "min": extra.iter().copied().fold(f64::MAX, f64::min), "max": extra.iter().copied().fold(0.0, f64::max)},
+        });
+    }
+    println!("BENCH-PODS {report}");
+}

@@ -1,10 +1,11 @@
-//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only | --warm-only]`: runv's
+//! `cargo xtask bench [--json] [--runs N] [--drivers qemu,qemu+overlay] [--no-build] [--no-nested | --nested-only | --warm-only] [--no-pods | --pods-only]`: runv's
 //! cold start, warm start from a VM template, exec, throughput and memory on this machine, against a floor (the same qemu,
 //! kernel and memory booting an initrd whose /init powers off at once) and runc. Runs are
 //! interleaved round by round; medians with min/max; ratios paired per round. See BENCHMARKS.md.
 
 mod nested;
 mod parse;
+mod pods;
 mod stats;
 mod warm;
 
@@ -49,6 +50,12 @@ pub struct Args {
     /// run section 7 only
     #[arg(long)]
     nested_only: bool,
+    /// skip section 8 (pods through containerd's CRI, runv against runc)
+    #[arg(long, conflicts_with = "pods_only")]
+    no_pods: bool,
+    /// run section 8 only
+    #[arg(long, conflicts_with_all = ["nested_only", "warm_only"])]
+    pods_only: bool,
     /// only the floor, the first driver's cold and warm (template) starts, phases and memory
     #[arg(long, conflicts_with = "nested_only")]
     warm_only: bool,
@@ -72,6 +79,8 @@ struct Opts {
     nested_only: bool,
     /// Only the floor, the first driver's cold and warm starts, their phases and memory.
     warm_only: bool,
+    pods: bool,
+    pods_only: bool,
 }
 
 impl From<Args> for Opts {
@@ -84,6 +93,8 @@ impl From<Args> for Opts {
             nested: !a.no_nested && !a.warm_only,
             nested_only: a.nested_only,
             warm_only: a.warm_only,
+            pods: !a.no_pods && !a.warm_only,
+            pods_only: a.pods_only,
         }
     }
 }
@@ -380,6 +391,15 @@ pub fn run(args: Args) -> Result<()> {
                 .current_dir(&ws)
                 .args(["build", "--quiet", "--release", "--workspace"]),
         )?;
+    }
+    if opts.pods_only {
+        let report = json!({ "pods": pods::run(&ws, opts.runs)? });
+        if opts.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", pods::table(&report["pods"]));
+        }
+        return Ok(());
     }
     let release = ws.join("target/release");
     let runv = release.join("runv");
@@ -691,6 +711,11 @@ impl Bench {
             nested::run(ws, release, self.opts.runs)?
         } else {
             json!("skipped (--no-nested)")
+        };
+        report["pods"] = if self.opts.pods {
+            pods::run(ws, self.opts.runs)?
+        } else {
+            json!("skipped (--no-pods)")
         };
         Ok(report)
     }
@@ -1546,5 +1571,6 @@ fn table(r: &Value) -> String {
         r["vm_memory_mib"]
     );
     s.push_str(&nested::table(&r["nested_kvm"]));
+    s.push_str(&pods::table(&r["pods"]));
     s
 }
