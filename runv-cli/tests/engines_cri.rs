@@ -12,7 +12,7 @@ use engines::{IMAGE, RUNV, Sandbox, have, which};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig,
+    CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListContainersRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
     PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
@@ -242,6 +242,31 @@ impl Cri {
         )
     }
 
+    /// A streaming exec, as `kubectl exec` does it: the CRI `Exec` call gives a URL on
+    /// containerd's streaming server, spoken to over WebSocket (`v4.channel.k8s.io`: one byte
+    /// of channel, then data; channel 3 carries the final status). The server listens on
+    /// 127.0.0.1 of the sandbox's network namespace, so the client runs there.
+    fn stream_exec(&self, id: &str, cmd: &[&str]) -> (String, String, i32) {
+        let request = ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let url = self
+            .call("Exec", |mut c| async move { c.exec(request).await })
+            .url;
+        let netns = format!("/proc/{}/ns/net", self.sb.holder_pid());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&netns).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            websocket_exec(&url)
+        })
+        .join()
+        .unwrap()
+    }
+
     fn status(&self, id: &str) -> ContainerStatus {
         let request = ContainerStatusRequest {
             container_id: id.into(),
@@ -367,6 +392,60 @@ impl Cri {
     }
 }
 
+fn websocket_exec(url: &str) -> (String, String, i32) {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().unwrap(),
+    );
+    let (mut ws, _) = tungstenite::connect(request).unwrap_or_else(|e| panic!("{url}: {e}"));
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    }
+    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) if !b.is_empty() => match b[0] {
+                1 => out.extend_from_slice(&b[1..]),
+                2 => err.extend_from_slice(&b[1..]),
+                3 if b.len() > 1 => {
+                    status = Some(serde_json::from_slice::<serde_json::Value>(&b[1..]).unwrap())
+                }
+                _ => {}
+            },
+            Ok(tungstenite::Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                ),
+            ) => break,
+            Err(e) => panic!("streaming exec {url}: {e}"),
+        }
+    }
+    let status = status.expect("the streaming exec's final status (channel 3)");
+    let code = if status["status"] == "Success" {
+        0
+    } else {
+        status["details"]["causes"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["reason"] == "ExitCode"))
+            .and_then(|c| c["message"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no exit code in {status}"))
+    };
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        code,
+    )
+}
+
 fn pod_namespaces() -> NamespaceOption {
     NamespaceOption {
         network: NamespaceMode::Pod as i32,
@@ -455,6 +534,16 @@ fn pod_flow(cri: &Cri, handler: &str, vm: bool) {
     // ExecSync: output and exit code.
     let (out, err, code) = cri.exec(&client, &["sh", "-c", "echo out; echo err >&2; exit 5"]);
     assert_eq!((out.as_str(), err.as_str(), code), ("out\n", "err\n", 5));
+    // The same through the streaming server (kubectl exec).
+    let (out, err, code) =
+        cri.stream_exec(&client, &["sh", "-c", "echo sout; echo serr >&2; exit 6"]);
+    assert_eq!(
+        (out.as_str(), err.as_str(), code),
+        ("sout\n", "serr\n", 6),
+        "{handler}"
+    );
+    let (out, _, code) = cri.stream_exec(&web, &["cat", "/proc/sys/kernel/random/boot_id"]);
+    assert_eq!((out, code), (boot_web.clone(), 0), "{handler}");
 
     // A container's exit code, and its output in the CRI log.
     let three = cri.container(&pod_a, "three", &["sh", "-c", "echo to-the-log; exit 3"]);
