@@ -17,7 +17,13 @@ fn sandbox_bundle(env: &Env) -> PathBuf {
     let b = env.bundle("sandbox", &["sleep", "3600"]);
     env.edit_spec(&b, |s| {
         s["hostname"] = "pod-host".into();
-        s["annotations"] = json!({"io.kubernetes.cri.container-type": "sandbox"});
+        // The pod's limits as containerd passes them: 2 CPUs, 256 MiB.
+        s["annotations"] = json!({
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-cpu-quota": "200000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-memory": "268435456",
+        });
     });
     b
 }
@@ -116,12 +122,43 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
 
     // A long-running member: the sandbox's IPC namespace, its own PID namespace; exec,
     // pause (its cgroup in the guest freezes, the VM and the sandbox go on), resume.
+    // The VM is the pod's size.
+    assert_eq!(exec(&env, SANDBOX_ID, &["nproc"]), "2");
+    let mem_kib: u64 = exec(
+        &env,
+        SANDBOX_ID,
+        &["sh", "-c", "grep MemTotal /proc/meminfo"],
+    )
+    .split_whitespace()
+    .nth(1)
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(mem_kib > 256 * 1024 * 9 / 10, "MemTotal {mem_kib} kB");
+
     let sleeper = member_bundle(&env, "sleeper", pid, &["sleep", "3600"]);
+    // Its own limits, as a cgroup of its own in the guest.
+    env.edit_spec(&sleeper, |s| {
+        s["linux"]["resources"] = json!({"memory": {"limit": 67108864}, "pids": {"limit": 50}});
+    });
     run_detached(&env, &sleeper, "sleeper");
     let ns = |id: &str, kind: &str| exec(&env, id, &["readlink", &format!("/proc/self/ns/{kind}")]);
     assert_eq!(ns("sleeper", "ipc"), ns(SANDBOX_ID, "ipc"));
     assert_eq!(ns("sleeper", "uts"), ns(SANDBOX_ID, "uts"));
     assert_ne!(ns("sleeper", "pid"), ns(SANDBOX_ID, "pid"));
+    let limit = |file: &str| {
+        exec(
+            &env,
+            "sleeper",
+            &[
+                "sh",
+                "-c",
+                &format!("cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/{file}"),
+            ],
+        )
+    };
+    assert_eq!(limit("memory.max"), "67108864");
+    assert_eq!(limit("pids.max"), "50");
     let ps = env.run_ok(env.runv().args(["ps", "sleeper"]), 30);
     assert!(
         text(&ps.stdout).contains("sleep 3600"),
