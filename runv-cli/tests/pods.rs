@@ -175,6 +175,26 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
     env.run_ok(env.runv().args(["delete", "--force", "sleeper"]), 60);
     assert_eq!(exec(&env, SANDBOX_ID, &["echo", "pod-runs"]), "pod-runs");
 
+    // A member whose monitor is SIGKILLed reads stopped; deleting it ends it in the VM too
+    // (its rootfs leaves the pod's share).
+    let orphaned = member_bundle(&env, "orphaned", pid, &["sleep", "3600"]);
+    run_detached(&env, &orphaned, "orphaned");
+    let share = env.root.join(SANDBOX_ID).join("mounts/c-orphaned");
+    assert!(share.join("rootfs/bin/busybox").exists());
+    let monitor = env.state("orphaned")["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(30, "the member to read stopped", || {
+        env.state("orphaned")["status"] == "stopped"
+    });
+    env.run_ok(env.runv().args(["delete", "orphaned"]), 60);
+    wait_until(30, "the member to leave the pod's share", || {
+        !share.exists()
+    });
+
     // A member naming a sandbox that does not exist: one clear line, nothing left.
     let orphan = env.bundle("orphan", &["true"]);
     env.edit_spec(&orphan, |s| {

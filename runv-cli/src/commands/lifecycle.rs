@@ -302,6 +302,9 @@ fn wait_for_monitor(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let state = ctx.store.load(id)?;
     let dir = ctx.store.dir(id);
+    if let Some(sandbox) = &state.runv.pod_sandbox {
+        end_in_pod(ctx, id, sandbox);
+    }
     if let Some(name) = &state.runv.storage {
         cleanup_storage(ctx, id, name)?;
     }
@@ -318,6 +321,22 @@ fn delete_stopped(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
         }
     }
     ctx.store.remove(id)
+}
+
+/// A pod member whose monitor died (SIGKILL) may still run in the pod's VM: the sandbox's
+/// monitor ends it there, which also unbinds its rootfs from the pod's share. A member that
+/// exited is no longer the sandbox's, which then says so; that is fine.
+fn end_in_pod(ctx: &Ctx, id: &str, sandbox: &str) {
+    if crate::container_id::validate(sandbox).is_err() {
+        return;
+    }
+    let request = Request::Member {
+        id: id.to_string(),
+        request: Box::new(Request::Destroy),
+    };
+    if let Err(e) = control::call(&ctx.store.dir(sandbox), &request, CONTROL_TIMEOUT) {
+        tracing::debug!("pod sandbox {sandbox}: ending {id}: {e:#}");
+    }
 }
 
 /// Undoes what storage driver `name` prepared for the container, if it got that far.
