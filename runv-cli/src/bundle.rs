@@ -105,7 +105,7 @@ impl Bundle {
     /// The VM's vCPUs and MiB: annotations `runv.vm.vcpus` / `runv.vm.memory_mib`, else a
     /// pod sandbox's pod limits (CRI annotations, plus the guest's overhead), else derived
     /// from `linux.resources` (CPU quota/period, memory limit + guest overhead), else the
-    /// host's defaults (`host_config`).
+    /// host's defaults (`host_config`). vCPUs derived from limits are at most the host's CPUs.
     pub fn vm_size(&self, default_vcpus: u32, default_memory_mib: u64) -> (u32, u64) {
         let ann = self.annotations();
         let resources = &self.spec["linux"]["resources"];
@@ -113,14 +113,18 @@ impl Bundle {
             crate::pod::Role::Sandbox => crate::pod::sandbox_size(&ann),
             _ => (None, None),
         };
+        // A CPU limit above the host's CPUs cannot be used: more vCPUs than that only cost.
+        let host_cpus = std::thread::available_parallelism().map_or(64, |n| n.get() as u32);
         let vcpus = ann
             .get("runv.vm.vcpus")
             .and_then(|v| v.parse().ok())
-            .or(pod_vcpus)
             .or_else(|| {
-                let quota = resources["cpu"]["quota"].as_i64()?;
-                let period = resources["cpu"]["period"].as_u64().unwrap_or(100_000);
-                (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period) as u32)
+                let limit = || {
+                    let quota = resources["cpu"]["quota"].as_i64()?;
+                    let period = resources["cpu"]["period"].as_u64().unwrap_or(100_000);
+                    (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period) as u32)
+                };
+                pod_vcpus.or_else(limit).map(|v| v.min(host_cpus))
             })
             .unwrap_or(default_vcpus)
             .clamp(1, 64);
@@ -239,4 +243,38 @@ pub fn guest_files(
         }
     }
     Ok((kernel, initrd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(spec: Value) -> Bundle {
+        Bundle {
+            dir: PathBuf::new(),
+            spec,
+            rootfs: PathBuf::new(),
+            rootfs_readonly: false,
+            terminal: false,
+        }
+    }
+
+    #[test]
+    fn vm_size_comes_from_annotations_pod_limits_resources_then_defaults() {
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(bundle(serde_json::json!({})).vm_size(1, 128), (1, 128));
+        let explicit = bundle(serde_json::json!({"annotations": {
+            "runv.vm.vcpus": "3", "runv.vm.memory_mib": "200"}}));
+        assert_eq!(explicit.vm_size(1, 128), (3, 200));
+        let pod = bundle(serde_json::json!({"annotations": {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-cpu-quota": "6400000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000",
+            "io.kubernetes.cri.sandbox-memory": "268435456"}}));
+        // 64 CPUs asked, the host's given; 256 MiB plus the guest's own.
+        assert_eq!(pod.vm_size(1, 128), (host, 256 + GUEST_OVERHEAD_MIB));
+        let limited = bundle(serde_json::json!({"linux": {"resources": {
+            "cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 134217728}}}}));
+        assert_eq!(limited.vm_size(2, 128), (1, 128 + GUEST_OVERHEAD_MIB));
+    }
 }
