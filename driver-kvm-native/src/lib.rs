@@ -43,7 +43,10 @@ use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, e
 pub use vm::KvmVm;
 
 /// What this driver can do.
-pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS.union(Capabilities::PAUSE);
+pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS
+    .union(Capabilities::PAUSE)
+    .union(Capabilities::SNAPSHOT)
+    .union(Capabilities::TEMPLATE_DISKS);
 
 pub struct KvmNativeDriver;
 
