@@ -95,6 +95,8 @@ pub fn restore(config: &VmConfig, template_dir: &Path) -> Result<KvmVm, String> 
                 bus,
                 transports,
                 memory_mib: config.memory_mib,
+                // A clone's RAM is a private copy: what it writes is in no file.
+                ram_in_file: false,
                 _mem: mem,
             },
             control,

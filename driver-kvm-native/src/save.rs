@@ -12,6 +12,17 @@ use crate::snapshot::{self, VmState, vm_state};
 use crate::vm::{KvmVm, lock};
 
 pub fn save(vm: &KvmVm, dir: &Path) -> Result<(), String> {
+    vm.with_machine(|m| {
+        if m.ram_in_file {
+            Ok(())
+        } else {
+            Err(
+                "this VM's RAM is not in a memory file (it was not started as a template), \
+                 so its state alone cannot be restored"
+                    .into(),
+            )
+        }
+    })?;
     vm.pause()?;
     let state = vm.with_machine(|m| {
         // Devices first: once frozen they no longer write guest memory or their queues.

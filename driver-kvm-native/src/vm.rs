@@ -82,6 +82,9 @@ pub(crate) struct Machine {
     pub(crate) bus: Arc<Bus>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) memory_mib: u64,
+    /// The guest RAM is a template's memory file (mapped shared): only then can `save`
+    /// make a template, whose RAM is that file.
+    pub(crate) ram_in_file: bool,
     /// Held, not read: the devices have their own handles, and this one keeps the RAM mapped
     /// until everything above is gone.
     pub(crate) _mem: GuestMemoryMmap,
@@ -281,6 +284,7 @@ impl KvmVm {
                     bus,
                     transports,
                     memory_mib: config.memory_mib,
+                    ram_in_file: config.memory_file.is_some(),
                     _mem: mem,
                 },
                 control,

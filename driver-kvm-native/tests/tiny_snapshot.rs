@@ -199,6 +199,20 @@ fn clones_run_on_from_the_saved_template_with_their_own_disk() {
 }
 
 #[test]
+fn only_a_template_vm_can_be_saved() {
+    let Some(s) = scratch("plain") else { return };
+    let vm = KvmVm::start(&config(&s.0, "plain", "/dev/null")).unwrap();
+    let e = vm.save(&s.0.join("template")).unwrap_err();
+    vm.stop(Duration::ZERO).unwrap();
+    vm.wait().unwrap();
+    assert!(
+        e.starts_with("this VM's RAM is not in a memory file"),
+        "{e}"
+    );
+    assert!(!s.0.join("template/state").exists());
+}
+
+#[test]
 fn a_clone_of_another_shape_or_a_damaged_state_is_refused_in_one_line() {
     let Some(s) = scratch("refused") else { return };
     make_template(&s.0);
