@@ -94,9 +94,17 @@ impl Control {
     }
 
     /// The vCPU's check between two `KVM_RUN`s: parks while paused; `false` when it must stop.
-    pub fn vcpu_may_run(&self) -> bool {
+    /// `before_park` runs (without the lock) before the vCPU counts as parked, once per park.
+    pub fn vcpu_may_run(&self, before_park: impl FnOnce()) -> bool {
+        let mut before_park = Some(before_park);
         let mut s = self.lock();
-        if s.paused && s.exit.is_none() {
+        while s.paused && s.exit.is_none() {
+            if let Some(f) = before_park.take() {
+                drop(s);
+                f();
+                s = self.lock();
+                continue;
+            }
             s.parked += 1;
             self.changed.notify_all();
             while s.paused && s.exit.is_none() {
@@ -155,7 +163,7 @@ mod tests {
         c.request_exit(ExitReason::StoppedByHost);
         assert_eq!(c.exit_reason(), Some(ExitReason::GuestRebooted));
         assert_eq!(c.wait_exit_requested(), ExitReason::GuestRebooted);
-        assert!(!c.vcpu_may_run());
+        assert!(!c.vcpu_may_run(|| {}));
     }
 
     #[test]
@@ -164,8 +172,14 @@ mod tests {
         c.vcpu_started();
         c.set_paused(true);
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.vcpu_may_run());
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = drained.clone();
+        let t = std::thread::spawn(move || {
+            c2.vcpu_may_run(|| d2.store(true, std::sync::atomic::Ordering::SeqCst))
+        });
         assert!(c.kick_until(&[], Duration::from_secs(5), |_, parked| parked == 1));
+        // Pending I/O was finished before the vCPU counted as parked.
+        assert!(drained.load(std::sync::atomic::Ordering::SeqCst));
         c.set_paused(false);
         assert!(t.join().unwrap());
     }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::LineWriter;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -71,6 +71,34 @@ impl Bus {
             i8042: Mutex::new(I8042Device::new(ResetTrigger(control))),
             mmio,
         }
+    }
+
+    /// The bus of a restored VM: COM1 in its saved state (a byte the guest had not read yet
+    /// is still there), the rest as [`new`](Self::new).
+    pub fn restore(
+        console: File,
+        com1_irq: Arc<EventFd>,
+        control: Arc<Control>,
+        mmio: Vec<MmioSlot>,
+        serial: &SerialState,
+    ) -> Result<Self, String> {
+        let com1 = Serial::from_state(
+            serial,
+            IrqTrigger(com1_irq),
+            NoEvents,
+            LineWriter::new(console),
+        )
+        .map_err(|e| format!("restoring COM1: {e:?}"))?;
+        Ok(Self {
+            com1: Mutex::new(com1),
+            i8042: Mutex::new(I8042Device::new(ResetTrigger(control))),
+            mmio,
+        })
+    }
+
+    /// COM1's registers, for a snapshot.
+    pub fn serial_state(&self) -> SerialState {
+        lock(&self.com1).state()
     }
 
     /// A port read; ports without a device read as all ones, like a floating ISA bus.

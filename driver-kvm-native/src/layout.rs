@@ -136,6 +136,11 @@ pub fn low_ram_end(ranges: &[(GuestAddress, usize)]) -> u64 {
         .map_or(0, |(_, l)| *l as u64)
 }
 
+/// How many virtio-mmio devices fit (one IOAPIC pin each).
+pub const fn max_virtio_devices() -> usize {
+    (MAX_GSI - VIRTIO_GSI_BASE + 1) as usize
+}
+
 /// The guest-physical base of virtio-mmio device `index` and its GSI.
 pub fn virtio_slot(index: usize) -> Result<(u64, u32), String> {
     let gsi = VIRTIO_GSI_BASE + index as u32;

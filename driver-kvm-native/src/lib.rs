@@ -14,6 +14,10 @@
 //! * The guest ends the VM by rebooting (`runv.exit=reboot`, `reboot=k`): the i8042 reset.
 //! * pause/resume park the vCPUs between two KVM_RUNs.
 //! * The vCPU and device threads run under seccomp allow-lists ([`sandbox`]).
+//! * Templates ([`save`], [`restore`]): a template VM's RAM is a file mapped shared, `save`
+//!   writes the rest of the machine to a state file ([`snapshot`]); a clone maps the file
+//!   private and picks up from the state file with its own host side. Its disks go into the
+//!   template's empty disk slots (the guest sees their size change).
 
 pub mod acpi;
 pub mod boot;
@@ -23,8 +27,12 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod layout;
+pub mod memory;
 pub mod probe;
+pub mod restore;
 pub mod sandbox;
+pub mod save;
+pub mod snapshot;
 pub mod tap;
 pub mod vcpu;
 pub mod virtio;
@@ -35,7 +43,10 @@ use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, e
 pub use vm::KvmVm;
 
 /// What this driver can do.
-pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS.union(Capabilities::PAUSE);
+pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS
+    .union(Capabilities::PAUSE)
+    .union(Capabilities::SNAPSHOT)
+    .union(Capabilities::TEMPLATE_DISKS);
 
 pub struct KvmNativeDriver;
 
@@ -56,6 +67,14 @@ impl Hypervisor for KvmNativeDriver {
 
     fn start_vm(&self, config: VmConfig) -> Result<Box<dyn Vm>, String> {
         Ok(Box::new(KvmVm::start(&config)?))
+    }
+
+    fn restore_vm(
+        &self,
+        config: VmConfig,
+        template_dir: &std::path::Path,
+    ) -> Result<Box<dyn Vm>, String> {
+        Ok(Box::new(restore::restore(&config, template_dir)?))
     }
 }
 

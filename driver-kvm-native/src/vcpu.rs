@@ -1,6 +1,6 @@
 //! One thread per vCPU: configure it, then run it until the VM ends.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -53,8 +53,14 @@ pub fn create(kvm: &Kvm, vm: &VmFd, index: u8, count: u8, entry: Entry) -> Resul
 }
 
 /// Runs the vCPU until the VM ends, then says why if it was this vCPU that ended it.
+///
+/// The fd sits behind a mutex so that `save` can read the vCPU's state from another thread
+/// while this one is parked (the thread's seccomp filter allows no ioctl but KVM_RUN). Before
+/// parking for a pause, the vCPU finishes the port or MMIO access of its last exit (see
+/// [`drain`]): KVM completes it only on the next KVM_RUN, and until then the registers do not
+/// say it happened.
 pub fn run(
-    mut vcpu: VcpuFd,
+    vcpu: Arc<Mutex<VcpuFd>>,
     index: u8,
     bus: Arc<Bus>,
     control: Arc<Control>,
@@ -65,40 +71,73 @@ pub fn run(
     if let Err(e) = crate::sandbox::apply(filter) {
         control.request_exit(ExitReason::HostError(format!("vCPU {index}: {e}")));
     }
-    while control.vcpu_may_run() {
-        match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-            Ok(VcpuExit::Hlt) => control.request_exit(ExitReason::Halted { vcpu: index }),
-            Ok(VcpuExit::Shutdown) => control.request_exit(ExitReason::TripleFault { vcpu: index }),
-            Ok(VcpuExit::SystemEvent(kind, _)) => control.request_exit(match kind {
-                SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPoweredOff,
-                SYSTEM_EVENT_RESET => ExitReason::GuestRebooted,
-                SYSTEM_EVENT_CRASH => ExitReason::GuestCrashed,
-                other => ExitReason::GuestSystemEvent(other),
-            }),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => control.request_exit(ExitReason::FailEntry {
-                vcpu: cpu,
-                hardware_reason: reason,
-            }),
-            Ok(VcpuExit::InternalError) => {
-                control.request_exit(ExitReason::InternalError { vcpu: index })
-            }
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => control.request_exit(ExitReason::Unexpected {
-                vcpu: index,
-                exit: format!("{other:?}"),
-            }),
-            Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {
-                // A kick: loop around to look at the run state.
-            }
-            Err(e) => control.request_exit(ExitReason::KvmRun {
-                vcpu: index,
-                error: e.to_string(),
-            }),
-        }
+    while control.vcpu_may_run(|| drain(&mut lock(&vcpu), index, &bus, &control)) {
+        let mut fd = lock(&vcpu);
+        let result = fd.run();
+        handle(result, index, &bus, &control);
     }
     control.vcpu_stopped();
+}
+
+fn lock(vcpu: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
+    vcpu.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Completes a pending port or MMIO access without running guest code: KVM_RUN with
+/// `immediate_exit` finishes it and returns EINTR, unless finishing it needs another exit
+/// (the next element of a `rep ins`), which is served here in turn.
+pub fn drain(vcpu: &mut VcpuFd, index: u8, bus: &Bus, control: &Control) {
+    vcpu.set_kvm_immediate_exit(1);
+    loop {
+        match vcpu.run() {
+            Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => break,
+            Err(e) => {
+                handle(Err(e), index, bus, control);
+                break;
+            }
+            exit => handle(exit, index, bus, control),
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+fn handle(
+    result: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    index: u8,
+    bus: &Bus,
+    control: &Control,
+) {
+    match result {
+        Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+        Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+        Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+        Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+        Ok(VcpuExit::Hlt) => control.request_exit(ExitReason::Halted { vcpu: index }),
+        Ok(VcpuExit::Shutdown) => control.request_exit(ExitReason::TripleFault { vcpu: index }),
+        Ok(VcpuExit::SystemEvent(kind, _)) => control.request_exit(match kind {
+            SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPoweredOff,
+            SYSTEM_EVENT_RESET => ExitReason::GuestRebooted,
+            SYSTEM_EVENT_CRASH => ExitReason::GuestCrashed,
+            other => ExitReason::GuestSystemEvent(other),
+        }),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => control.request_exit(ExitReason::FailEntry {
+            vcpu: cpu,
+            hardware_reason: reason,
+        }),
+        Ok(VcpuExit::InternalError) => {
+            control.request_exit(ExitReason::InternalError { vcpu: index })
+        }
+        Ok(VcpuExit::Intr) => {}
+        Ok(other) => control.request_exit(ExitReason::Unexpected {
+            vcpu: index,
+            exit: format!("{other:?}"),
+        }),
+        Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {
+            // A kick: loop around to look at the run state.
+        }
+        Err(e) => control.request_exit(ExitReason::KvmRun {
+            vcpu: index,
+            error: e.to_string(),
+        }),
+    }
 }

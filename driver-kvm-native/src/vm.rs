@@ -1,15 +1,16 @@
-//! Building a VM from a [`VmConfig`] and running it inside the calling process.
+//! Building a VM from a [`VmConfig`] and running it inside the calling process. Restoring
+//! one from a template is in [`crate::restore`], saving one in [`crate::save`].
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use runv_api::{Vm, VmConfig, VmExit, VmStats};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +23,7 @@ use crate::devices::{Bus, MmioSlot};
 use crate::event_loop::EventLoop;
 use crate::exit::ExitReason;
 use crate::layout;
+use crate::memory::{self, Backing};
 use crate::vcpu;
 use crate::virtio::{self, MmioTransport};
 
@@ -57,12 +59,42 @@ struct Shared {
     control: Arc<Control>,
     outcome: Mutex<Outcome>,
     ended: Condvar,
+    /// What `save` reads; the supervisor takes it once the VM's threads are gone.
+    machine: Mutex<Option<Machine>>,
 }
 
 impl Shared {
     fn outcome(&self) -> MutexGuard<'_, Outcome> {
         self.outcome.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn machine(&self) -> MutexGuard<'_, Option<Machine>> {
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The VM's kernel objects and devices. The fields drop in this order, which matters: the
+/// vCPUs and the VM go before the guest memory they point into.
+pub(crate) struct Machine {
+    pub(crate) vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub(crate) vm: VmFd,
+    pub(crate) kvm: Kvm,
+    pub(crate) bus: Arc<Bus>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) memory_mib: u64,
+    /// The guest RAM is a template's memory file (mapped shared): only then can `save`
+    /// make a template, whose RAM is that file.
+    pub(crate) ram_in_file: bool,
+    /// Held, not read: the devices have their own handles, and this one keeps the RAM mapped
+    /// until everything above is gone.
+    pub(crate) _mem: GuestMemoryMmap,
+}
+
+/// A VM built (booting or restored) and not yet running.
+pub(crate) struct Built {
+    pub(crate) machine: Machine,
+    pub(crate) control: Arc<Control>,
+    pub(crate) agent: UnixStream,
 }
 
 pub struct KvmVm {
@@ -74,86 +106,152 @@ pub struct KvmVm {
     vcpu_threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-fn kvm_err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
+pub(crate) fn kvm_err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What every VM of this driver needs from its config, booted or restored.
+pub(crate) fn check_config(config: &VmConfig) -> Result<u8, String> {
+    if !config.shared_dirs.is_empty() {
+        return Err(
+            "the kvm-native driver cannot share host directories (it has no 9p or \
+             virtio-fs device): give the container a block rootfs"
+                .into(),
+        );
+    }
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(format!(
+            "{} vCPUs asked for; the kvm-native driver runs 1..={MAX_VCPUS}",
+            config.vcpus
+        ));
+    }
+    Ok(config.vcpus as u8)
+}
+
+/// The devices on the virtio-mmio bus, in bus order: the console (the agent channel), each
+/// disk, each NIC. A template's disks and NICs have no host side yet (empty path or tap):
+/// they become an empty disk slot and a NIC without a tap, which its clones fill.
+pub(crate) fn devices_for(
+    config: &VmConfig,
+    agent_guest: UnixStream,
+) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, String> {
+    let template = config.memory_file.is_some() && config.restore_from.is_none();
+    let mut devices: Vec<Box<dyn virtio::VirtioDevice>> =
+        vec![Box::new(virtio::Console::new(agent_guest)?)];
+    for disk in &config.block_devices {
+        if template && disk.host_path.as_os_str().is_empty() {
+            devices.push(Box::new(virtio::Block::empty(&disk.id)?));
+            continue;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.host_path)
+            .map_err(|e| format!("opening the disk {}: {e}", disk.host_path.display()))?;
+        devices.push(Box::new(virtio::Block::new(file, disk.readonly, &disk.id)?));
+    }
+    for nic in &config.network_interfaces {
+        let mac = crate::tap::parse_mac(&nic.mac)?;
+        let mtu = u16::try_from(nic.mtu).unwrap_or(u16::MAX);
+        let tap = if template && nic.tap.is_empty() {
+            None
+        } else {
+            Some(crate::tap::open(&nic.tap)?)
+        };
+        devices.push(Box::new(virtio::Net::new(tap, mac, mtu)));
+    }
+    Ok(devices)
+}
+
+/// Puts `devices` on the bus: a window, a GSI (irqfd) and a queue-notify ioeventfd per queue
+/// each. `transport` makes each device's transport (new, or restored from its saved state).
+pub(crate) fn attach(
+    vm: &VmFd,
+    devices: Vec<Box<dyn virtio::VirtioDevice>>,
+    mut transport: impl FnMut(
+        usize,
+        Box<dyn virtio::VirtioDevice>,
+        Arc<EventFd>,
+    ) -> Result<MmioTransport, String>,
+) -> Result<(Vec<MmioSlot>, Vec<MmioDevice>), String> {
+    let mut slots = Vec::new();
+    let mut described = Vec::new();
+    for (index, device) in devices.into_iter().enumerate() {
+        let (base, gsi) = layout::virtio_slot(index)?;
+        let irq = Arc::new(EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        vm.register_irqfd(&irq, gsi)
+            .map_err(kvm_err("registering a virtio irqfd"))?;
+        let transport = transport(index, device, irq)?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                event,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(kvm_err("registering a virtqueue ioeventfd"))?;
+        }
+        described.push(MmioDevice {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        slots.push(MmioSlot {
+            base,
+            size: layout::VIRTIO_MMIO_STRIDE,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+    }
+    Ok((slots, described))
+}
+
+/// COM1's output (the console log, appended to) and its interrupt line.
+pub(crate) fn com1(vm: &VmFd, config: &VmConfig) -> Result<(File, Arc<EventFd>), String> {
+    let console = File::options()
+        .create(true)
+        .append(true)
+        .open(&config.console_log)
+        .map_err(|e| {
+            format!(
+                "opening the console log {}: {e}",
+                config.console_log.display()
+            )
+        })?;
+    let irq = Arc::new(EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+    vm.register_irqfd(&irq, layout::SERIAL_GSI)
+        .map_err(kvm_err("registering the serial irqfd"))?;
+    Ok((console, irq))
+}
+
 impl KvmVm {
+    /// Boots a VM; with [`VmConfig::memory_file`], a template VM whose RAM is that file.
     pub fn start(config: &VmConfig) -> Result<Self, String> {
-        if !config.shared_dirs.is_empty() {
-            return Err(
-                "the kvm-native driver cannot share host directories (it has no 9p or \
-                 virtio-fs device): give the container a block rootfs"
-                    .into(),
-            );
-        }
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(format!(
-                "{} vCPUs asked for; the kvm-native driver runs 1..={MAX_VCPUS}",
-                config.vcpus
-            ));
-        }
-        let vcpu_count = config.vcpus as u8;
+        let vcpu_count = check_config(config)?;
         control::install_kick_handler()?;
 
         let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
-        let vm = new_vm(&kvm)?;
-
         let ranges = layout::ram_ranges(config.memory_mib)?;
-        let mem = layout::guest_memory(config.memory_mib)?;
-        // SAFETY: the supervisor thread owns `mem` and drops it only after `vm`.
+        let backing = match &config.memory_file {
+            Some(path) => Backing::Template(path),
+            None => Backing::Anonymous,
+        };
+        // Before the VM, so that on an early return it is dropped after the VM.
+        let mem = memory::guest_memory(config.memory_mib, backing)?;
+        let vm = new_vm(&kvm)?;
+        // SAFETY: `mem` goes into the `Machine`, which drops it only after `vm` (and on an
+        // error return it outlives `vm`, declared after it).
         unsafe { register_memory(&vm, &mem) }?;
 
         let control = Arc::new(Control::default());
         let (agent_host, agent_guest) =
             UnixStream::pair().map_err(|e| format!("socketpair for the agent channel: {e}"))?;
-
-        let mut devices: Vec<Box<dyn virtio::VirtioDevice>> =
-            vec![Box::new(virtio::Console::new(agent_guest)?)];
-        for disk in &config.block_devices {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(!disk.readonly)
-                .open(&disk.host_path)
-                .map_err(|e| format!("opening the disk {}: {e}", disk.host_path.display()))?;
-            devices.push(Box::new(virtio::Block::new(file, disk.readonly, &disk.id)?));
-        }
-        for nic in &config.network_interfaces {
-            let mac = crate::tap::parse_mac(&nic.mac)?;
-            let mtu = u16::try_from(nic.mtu).unwrap_or(u16::MAX);
-            devices.push(Box::new(virtio::Net::new(
-                crate::tap::open(&nic.tap)?,
-                mac,
-                mtu,
-            )));
-        }
-        let mut slots = Vec::new();
-        let mut described = Vec::new();
-        for (index, device) in devices.into_iter().enumerate() {
-            let (base, gsi) = layout::virtio_slot(index)?;
-            let irq = Arc::new(EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
-            vm.register_irqfd(&irq, gsi)
-                .map_err(kvm_err("registering a virtio irqfd"))?;
-            let transport = MmioTransport::new(device, mem.clone(), irq)?;
-            for (queue, event) in transport.queue_events().iter().enumerate() {
-                vm.register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(kvm_err("registering a virtqueue ioeventfd"))?;
-            }
-            described.push(MmioDevice {
-                base,
-                size: layout::VIRTIO_MMIO_SIZE,
-                gsi,
-            });
-            slots.push(MmioSlot {
-                base,
-                size: layout::VIRTIO_MMIO_STRIDE,
-                transport: Arc::new(Mutex::new(transport)),
-            });
-        }
+        let devices = devices_for(config, agent_guest)?;
+        let (slots, described) = attach(&vm, devices, |_, device, irq| {
+            MmioTransport::new(device, mem.clone(), irq)
+        })?;
 
         let tables = acpi::build(layout::ACPI_ADDR, vcpu_count, &described)?;
         acpi::write(&mem, &tables)?;
@@ -170,32 +268,50 @@ impl KvmVm {
         )?;
         cpu::write_boot_tables(&mem, entry)?;
 
-        let console = File::options()
-            .create(true)
-            .append(true)
-            .open(&config.console_log)
-            .map_err(|e| {
-                format!(
-                    "opening the console log {}: {e}",
-                    config.console_log.display()
-                )
-            })?;
-        let com1_irq = Arc::new(EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
-        vm.register_irqfd(&com1_irq, layout::SERIAL_GSI)
-            .map_err(kvm_err("registering the serial irqfd"))?;
+        let (console, com1_irq) = com1(&vm, config)?;
         let transports: Vec<_> = slots.iter().map(|s| s.transport.clone()).collect();
         let bus = Arc::new(Bus::new(console, com1_irq, control.clone(), slots));
 
         let vcpus = (0..vcpu_count)
-            .map(|i| vcpu::create(&kvm, &vm, i, vcpu_count, entry))
+            .map(|i| vcpu::create(&kvm, &vm, i, vcpu_count, entry).map(|v| Arc::new(Mutex::new(v))))
             .collect::<Result<Vec<_>, _>>()?;
+        Self::launch(
+            Built {
+                machine: Machine {
+                    vcpus,
+                    vm,
+                    kvm,
+                    bus,
+                    transports,
+                    memory_mib: config.memory_mib,
+                    ram_in_file: config.memory_file.is_some(),
+                    _mem: mem,
+                },
+                control,
+                agent: agent_host,
+            },
+            config,
+        )
+    }
 
-        let events = EventLoop::new(transports)?;
+    /// Starts the threads of a built VM: a vCPU thread each, the device thread, and the
+    /// supervisor that tears the VM down once something asks it to end.
+    pub(crate) fn launch(built: Built, config: &VmConfig) -> Result<Self, String> {
+        let Built {
+            machine,
+            control,
+            agent,
+        } = built;
+        let vcpu_count = machine.vcpus.len();
+        let events = EventLoop::new(machine.transports.clone())?;
         let stop_events = events.stop_event();
+        let bus = machine.bus.clone();
+        let vcpu_fds = machine.vcpus.clone();
         let shared = Arc::new(Shared {
             control: control.clone(),
             outcome: Mutex::new(Outcome::default()),
             ended: Condvar::new(),
+            machine: Mutex::new(Some(machine)),
         });
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -215,7 +331,7 @@ impl KvmVm {
             }),
         )?;
         let mut threads = Vec::new();
-        for (i, fd) in vcpus.into_iter().enumerate() {
+        for (i, fd) in vcpu_fds.into_iter().enumerate() {
             let (bus, vcpu_control) = (bus.clone(), control.clone());
             let filter = filters.vcpu.clone();
             let run = move || vcpu::run(fd, i as u8, bus, vcpu_control, &filter);
@@ -229,19 +345,18 @@ impl KvmVm {
                 }
             }
         }
+        drop(bus);
         let vcpu_threads = Arc::new(Mutex::new(threads));
 
         // The supervisor: once something asks the VM to end, get every vCPU out of KVM_RUN,
-        // stop the device thread, and free the VM (its memory and fds go with `vm`).
+        // stop the device thread, and free the VM (its memory and fds go with the machine).
         let supervisor_shared = shared.clone();
         let supervisor_threads = vcpu_threads.clone();
         spawn(
             "kvm-supervisor".into(),
             Box::new(move || {
                 let reason = supervisor_shared.control.wait_exit_requested();
-                let threads: Vec<JoinHandle<()>> = std::mem::take(
-                    &mut *supervisor_threads.lock().unwrap_or_else(|e| e.into_inner()),
-                );
+                let threads: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&supervisor_threads));
                 supervisor_shared
                     .control
                     .kick_until(&threads, KICK_TIMEOUT, |running, _| running == 0);
@@ -250,9 +365,7 @@ impl KvmVm {
                 }
                 let _ = stop_events.write(1);
                 let _ = event_thread.join();
-                drop(bus);
-                drop(vm);
-                drop(mem);
+                drop(supervisor_shared.machine().take());
                 supervisor_shared.outcome().exit = Some(reason);
                 supervisor_shared.ended.notify_all();
             }),
@@ -260,10 +373,10 @@ impl KvmVm {
 
         Ok(Self {
             shared,
-            agent: runv_api::AgentChannel::new(OwnedFd::from(agent_host)),
+            agent: runv_api::AgentChannel::new(OwnedFd::from(agent)),
             console_log: config.console_log.clone(),
             memory_bytes: config.memory_mib << 20,
-            vcpus: vcpu_count as usize,
+            vcpus: vcpu_count,
             vcpu_threads,
         })
     }
@@ -277,6 +390,17 @@ impl KvmVm {
             .wait_timeout_while(outcome, timeout, |o| o.exit.is_none())
             .unwrap_or_else(|e| e.into_inner());
         outcome.exit.is_some()
+    }
+
+    /// Runs `f` on the machine of a VM that has not ended.
+    pub(crate) fn with_machine<T>(
+        &self,
+        f: impl FnOnce(&Machine) -> Result<T, String>,
+    ) -> Result<T, String> {
+        match self.shared.machine().as_ref() {
+            Some(m) => f(m),
+            None => Err("the VM has ended".into()),
+        }
     }
 }
 
@@ -333,7 +457,7 @@ impl Vm for KvmVm {
     fn pause(&self) -> Result<(), String> {
         let control = &self.shared.control;
         control.set_paused(true);
-        let threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = lock(&self.vcpu_threads);
         let n = self.vcpus;
         if control.kick_until(&threads, KICK_TIMEOUT, |running, parked| {
             parked == running && running <= n
@@ -346,8 +470,19 @@ impl Vm for KvmVm {
     }
 
     fn resume(&self) -> Result<(), String> {
+        // Devices a save froze serve the guest again before it runs.
+        let _ = self.with_machine(|m| {
+            for t in &m.transports {
+                lock(t).thaw();
+            }
+            Ok(())
+        });
         self.shared.control.set_paused(false);
         Ok(())
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), String> {
+        crate::save::save(self, dir)
     }
 
     /// The graceful part is the core's (it asks the agent to end the guest, which reboots);

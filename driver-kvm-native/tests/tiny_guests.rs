@@ -78,6 +78,7 @@ fn run_guest(kvm: &Kvm, code: &[u8], entry: Entry) -> Outcome {
     // The vCPU runs under its seccomp filter, as in a real VM: the console writes and
     // KVM_RUN must get through it.
     let filter = runv_driver_kvm_native::sandbox::filters().unwrap().vcpu;
+    let fd = Arc::new(Mutex::new(fd));
     let thread = std::thread::spawn(move || vcpu::run(fd, 0, b, c, &filter));
 
     let timer_control = control.clone();

@@ -1041,8 +1041,13 @@ fn find_block(serial: &str) -> Result<PathBuf, AgentError> {
                 if !name.starts_with("vd") {
                     continue;
                 }
-                if std::fs::read_to_string(d.path().join("serial"))
-                    .is_ok_and(|s| s.trim() == serial || alias.as_deref() == Some(s.trim()))
+                // A size of 0 is a template's empty disk slot whose clone's disk the kernel
+                // has not sized yet (the configuration-change interrupt is being handled).
+                let sized =
+                    std::fs::read_to_string(d.path().join("size")).is_ok_and(|s| s.trim() != "0");
+                if sized
+                    && std::fs::read_to_string(d.path().join("serial"))
+                        .is_ok_and(|s| s.trim() == serial || alias.as_deref() == Some(s.trim()))
                 {
                     let dev = PathBuf::from("/dev").join(&name);
                     if dev.exists() {

@@ -19,14 +19,19 @@ impl Capabilities {
     pub const SNAPSHOT: Self = Self(1 << 4);
     /// The agent channel can be a vsock.
     pub const VSOCK: Self = Self(1 << 5);
+    /// With [`Self::SNAPSHOT`]: a template VM can have disks without a host side (an empty
+    /// `host_path`), and its clones bring their own disks into those slots (the guest sees
+    /// their size change), so containers with a block rootfs can start from templates.
+    pub const TEMPLATE_DISKS: Self = Self(1 << 6);
 
-    const NAMES: [(Self, &'static str); 6] = [
+    const NAMES: [(Self, &'static str); 7] = [
         (Self::SHARED_DIR_ROOTFS, "shared-dir-rootfs"),
         (Self::BLOCK_ROOTFS, "block-rootfs"),
         (Self::PAUSE, "pause"),
         (Self::HOT_PLUG, "hot-plug"),
         (Self::SNAPSHOT, "snapshot"),
         (Self::VSOCK, "vsock"),
+        (Self::TEMPLATE_DISKS, "template-disks"),
     ];
 
     pub const fn union(self, other: Self) -> Self {

@@ -72,13 +72,34 @@ fn kvm_usable() -> bool {
     runv_api::cpuinfo_has_virt_flag(&cpuinfo) && std::path::Path::new("/dev/kvm").exists()
 }
 
+/// Starts the pod's sandbox; returns its monitor's pid.
+fn start_sandbox(env: &Env) -> i64 {
+    let sandbox = sandbox_bundle(env);
+    run_detached(env, &sandbox, SANDBOX_ID);
+    env.state(SANDBOX_ID)["pid"].as_i64().unwrap()
+}
+
+/// Ends the pod: the sandbox and the given (stopped or running) members.
+fn end_pod(env: &Env, members: &[&str]) {
+    env.run_ok(env.runv().args(["kill", SANDBOX_ID, "KILL"]), 30);
+    for id in members {
+        wait_until(60, "the member to stop with the pod", || {
+            env.state(id)["status"] == "stopped"
+        });
+    }
+    for id in members.iter().chain([&SANDBOX_ID]) {
+        env.run_ok(env.runv().args(["delete", id]), 60);
+    }
+    env.assert_clean();
+}
+
+/// The pod flow (also in the test host, with KVM): one VM, the pod's size and namespaces,
+/// each member's PID namespace, exit code and limits.
 #[test]
-fn containers_of_a_pod_run_in_the_sandbox_vm() {
+fn pod_flow_one_vm_for_the_pod() {
     let env = Env::new("pod");
     let host_boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    let sandbox = sandbox_bundle(&env);
-    run_detached(&env, &sandbox, SANDBOX_ID);
-    let pid = env.state(SANDBOX_ID)["pid"].as_i64().unwrap();
+    let pid = start_sandbox(&env);
     let qemu = qemu_pids_for(&env.dir);
     assert_eq!(qemu.len(), 1, "one VM for the sandbox");
     if kvm_usable() {
@@ -120,8 +141,6 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
     );
     assert_eq!(qemu_pids_for(&env.dir).len(), 1, "no VM of its own");
 
-    // A long-running member: the sandbox's IPC namespace, its own PID namespace; exec,
-    // pause (its cgroup in the guest freezes, the VM and the sandbox go on), resume.
     // The VM is the pod's size (its vCPUs at most the host's: the test host has one).
     let host_cpus = std::thread::available_parallelism().unwrap().get().min(2);
     assert_eq!(exec(&env, SANDBOX_ID, &["nproc"]), host_cpus.to_string());
@@ -137,8 +156,9 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
     .unwrap();
     assert!(mem_kib > 256 * 1024 * 9 / 10, "MemTotal {mem_kib} kB");
 
+    // A long-running member: the sandbox's IPC and UTS namespaces, its own PID namespace,
+    // its own limits as a cgroup of its own in the guest.
     let sleeper = member_bundle(&env, "sleeper", pid, &["sleep", "3600"]);
-    // Its own limits, as a cgroup of its own in the guest.
     env.edit_spec(&sleeper, |s| {
         s["linux"]["resources"] = json!({"memory": {"limit": 67108864}, "pids": {"limit": 50}});
     });
@@ -160,6 +180,17 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
     };
     assert_eq!(limit("memory.max"), "67108864");
     assert_eq!(limit("pids.max"), "50");
+    end_pod(&env, &["sleeper"]);
+}
+
+/// A member's lifecycle inside the pod: ps, pause and resume, delete --force, a dead
+/// monitor, a missing sandbox, the sandbox's end.
+#[test]
+fn pod_members_come_and_go_while_the_pod_runs() {
+    let env = Env::new("podlife");
+    let pid = start_sandbox(&env);
+    let sleeper = member_bundle(&env, "sleeper", pid, &["sleep", "3600"]);
+    run_detached(&env, &sleeper, "sleeper");
     let ps = env.run_ok(env.runv().args(["ps", "sleeper"]), 30);
     assert!(
         text(&ps.stdout).contains("sleep 3600"),
@@ -222,12 +253,5 @@ fn containers_of_a_pod_run_in_the_sandbox_vm() {
     // The sandbox's end is the pod's: a running member stops (137) with its VM.
     let last = member_bundle(&env, "last", pid, &["sleep", "3600"]);
     run_detached(&env, &last, "last");
-    env.run_ok(env.runv().args(["kill", SANDBOX_ID, "KILL"]), 30);
-    wait_until(60, "the member to stop with the pod", || {
-        env.state("last")["status"] == "stopped"
-    });
-    for id in ["last", SANDBOX_ID] {
-        env.run_ok(env.runv().args(["delete", id]), 60);
-    }
-    env.assert_clean();
+    end_pod(&env, &["last"]);
 }

@@ -16,6 +16,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::state::QueueSnapshot;
 use super::{Interrupt, TYPE_BLOCK, VirtioDevice};
 
 const QUEUE_SIZE: u16 = 256;
@@ -57,6 +58,13 @@ struct Segments {
 }
 
 impl Block {
+    /// A disk slot without a medium (0 sectors), for a template VM: each of its clones puts
+    /// its own disk there, and the guest learns the size from a configuration change.
+    pub fn empty(serial: &str) -> Result<Self, String> {
+        let none = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+        Self::new(none, false, serial)
+    }
+
     /// `serial` (at most 20 bytes) is what the guest finds in /sys/block/vdX/serial.
     pub fn new(mut file: File, readonly: bool, serial: &str) -> Result<Self, String> {
         if serial.len() > SERIAL_LEN {
@@ -166,6 +174,13 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn active_queues(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .iter()
+            .map(|a| QueueSnapshot::from(&a.queue))
+            .collect()
     }
 }
 

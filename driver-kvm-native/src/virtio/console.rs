@@ -16,6 +16,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::state::QueueSnapshot;
 use super::{Interrupt, TYPE_CONSOLE, VirtioDevice, signal_used, write_to_chain};
 
 const RX_QUEUE: usize = 0;
@@ -243,6 +244,20 @@ impl VirtioDevice for Console {
         self.active = None;
         // The chain belongs to the old queues; what of it the host already has stays sent.
         self.tx_current = None;
+    }
+
+    fn active_queues(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
+            .unwrap_or_default()
+    }
+
+    fn in_flight(&self) -> Vec<(u16, u16)> {
+        self.tx_current
+            .iter()
+            .map(|tx| (TX_QUEUE as u16, tx.head))
+            .collect()
     }
 }
 

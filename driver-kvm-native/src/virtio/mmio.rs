@@ -4,6 +4,8 @@
 //! Queue notifications: [`MmioTransport::queue_events`] holds one eventfd per queue for the
 //! VMM to register as KVM ioeventfds; the event loop drains an eventfd that fired and then
 //! calls [`MmioTransport::notify`], which never reads the eventfd itself.
+//!
+//! Saving and restoring a transport (templates) is in `mmio_snapshot.rs`.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -60,6 +62,9 @@ const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
 const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
+#[path = "mmio_snapshot.rs"]
+mod snapshot;
+
 /// One virtio device as the guest sees it on the MMIO bus.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -76,6 +81,10 @@ pub struct MmioTransport {
     status: u32,
     activated: bool,
     last_error: Option<String>,
+    /// The VM is being saved: queue and host events wait until [`thaw`](Self::thaw).
+    frozen: bool,
+    /// Interrupts a restored device owes the guest, raised once the vCPUs exist.
+    owed_interrupts: u32,
 }
 
 impl MmioTransport {
@@ -104,6 +113,8 @@ impl MmioTransport {
             status: 0,
             activated: false,
             last_error: None,
+            frozen: false,
+            owed_interrupts: 0,
         })
     }
 
@@ -116,7 +127,7 @@ impl MmioTransport {
 
     /// The guest notified `queue` (through its ioeventfd). Ignored before activation.
     pub fn notify(&mut self, queue: u16) {
-        if self.activated && usize::from(queue) < self.queues.len() {
+        if self.activated && !self.frozen && usize::from(queue) < self.queues.len() {
             self.device.queue_notify(queue);
         }
     }
@@ -126,7 +137,9 @@ impl MmioTransport {
     }
 
     pub fn host_fd_ready(&mut self, fd: RawFd, readable: bool, writable: bool) {
-        self.device.host_fd_ready(fd, readable, writable);
+        if !self.frozen {
+            self.device.host_fd_ready(fd, readable, writable);
+        }
     }
 
     pub fn device_type(&self) -> u32 {
@@ -359,11 +372,14 @@ fn feature_page(features: u64, sel: u32) -> u32 {
 /// Driver-side helpers shared by the device tests.
 #[cfg(test)]
 pub(crate) mod test_utils {
+    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
 
     pub fn guest_memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
@@ -404,19 +420,62 @@ pub(crate) mod test_utils {
         let elem = vq.used().ring().ref_at(i).unwrap().load();
         (elem.id(), elem.len())
     }
+
+    pub fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0xff; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    pub fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    pub const S_ACK_DRIVER: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+
+    pub fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
+        w(t, REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        w(t, REG_STATUS, S_ACK_DRIVER);
+        w(t, REG_DRIVER_FEATURES_SEL, 0);
+        w(t, REG_DRIVER_FEATURES, features as u32);
+        w(t, REG_DRIVER_FEATURES_SEL, 1);
+        w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, REG_STATUS, S_ACK_DRIVER | STATUS_FEATURES_OK);
+        r(t, REG_STATUS) & STATUS_FEATURES_OK != 0
+    }
+
+    pub fn setup_queue(
+        t: &mut MmioTransport,
+        index: u32,
+        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        size: u32,
+    ) {
+        w(t, REG_QUEUE_SEL, index);
+        w(t, REG_QUEUE_NUM, size);
+        let desc = vq.desc_table_addr().0;
+        let avail = vq.avail_addr().0;
+        let used = vq.used_addr().0;
+        w(t, REG_QUEUE_DESC_LOW, desc as u32);
+        w(t, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        w(t, REG_QUEUE_DRIVER_LOW, avail as u32);
+        w(t, REG_QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        w(t, REG_QUEUE_DEVICE_LOW, used as u32);
+        w(t, REG_QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        w(t, REG_QUEUE_READY, 1);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
-    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    use super::test_utils::guest_memory;
+    use super::test_utils::*;
     use super::*;
     use crate::virtio::INT_USED_RING;
+    use crate::virtio::state::QueueSnapshot;
 
     #[derive(Default)]
     struct Log {
@@ -427,6 +486,7 @@ mod tests {
         queue_sizes: Vec<(bool, u16)>,
         config_writes: Vec<(u64, Vec<u8>)>,
         interrupt: Option<Interrupt>,
+        queues: Vec<QueueSnapshot>,
     }
 
     const FEATURE_X: u64 = 1 << 40;
@@ -472,6 +532,7 @@ mod tests {
             log.activations += 1;
             log.acked = acked_features;
             log.queue_sizes = queues.iter().map(|q| (q.ready(), q.size())).collect();
+            log.queues = queues.iter().map(QueueSnapshot::from).collect();
             log.interrupt = Some(interrupt);
             Ok(())
         }
@@ -480,6 +541,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.log.lock().unwrap().resets += 1;
+        }
+        fn active_queues(&self) -> Vec<QueueSnapshot> {
+            self.log.lock().unwrap().queues.clone()
         }
     }
 
@@ -492,49 +556,6 @@ mod tests {
         };
         let t = MmioTransport::new(Box::new(device), guest_memory(), irqfd.clone()).unwrap();
         (t, log, irqfd)
-    }
-
-    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
-        let mut data = [0xff; 4];
-        t.read(offset, &mut data);
-        u32::from_le_bytes(data)
-    }
-
-    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
-        t.write(offset, &value.to_le_bytes());
-    }
-
-    const S_ACK_DRIVER: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
-
-    fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
-        w(t, REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        w(t, REG_STATUS, S_ACK_DRIVER);
-        w(t, REG_DRIVER_FEATURES_SEL, 0);
-        w(t, REG_DRIVER_FEATURES, features as u32);
-        w(t, REG_DRIVER_FEATURES_SEL, 1);
-        w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
-        w(t, REG_STATUS, S_ACK_DRIVER | STATUS_FEATURES_OK);
-        r(t, REG_STATUS) & STATUS_FEATURES_OK != 0
-    }
-
-    fn setup_queue(
-        t: &mut MmioTransport,
-        index: u32,
-        vq: &MockSplitQueue<'_, GuestMemoryMmap>,
-        size: u32,
-    ) {
-        w(t, REG_QUEUE_SEL, index);
-        w(t, REG_QUEUE_NUM, size);
-        let desc = vq.desc_table_addr().0;
-        let avail = vq.avail_addr().0;
-        let used = vq.used_addr().0;
-        w(t, REG_QUEUE_DESC_LOW, desc as u32);
-        w(t, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        w(t, REG_QUEUE_DRIVER_LOW, avail as u32);
-        w(t, REG_QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
-        w(t, REG_QUEUE_DEVICE_LOW, used as u32);
-        w(t, REG_QUEUE_DEVICE_HIGH, (used >> 32) as u32);
-        w(t, REG_QUEUE_READY, 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod state;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -69,6 +70,11 @@ impl Interrupt {
     /// InterruptACK.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The InterruptStatus register of a restored device (the line's state is the irqchip's).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
 
@@ -159,4 +165,10 @@ pub trait VirtioDevice: Send {
     fn host_fd_ready(&mut self, _fd: RawFd, _readable: bool, _writable: bool) {}
     /// The driver reset the device: drop the queues and go back to the state before activate.
     fn reset(&mut self);
+    /// The queues as the device works on them since activation (none before).
+    fn active_queues(&self) -> Vec<state::QueueSnapshot>;
+    /// Chains taken from a queue and not yet returned, as (queue, head).
+    fn in_flight(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
 }

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::state::QueueSnapshot;
 use super::{Interrupt, VirtioDevice, pop_or_enable_notification, signal_used, write_to_chain};
 
 pub const TYPE_NET: u32 = 1;
@@ -26,7 +27,9 @@ const HEADER_LEN: usize = 12;
 const MAX_FRAME: usize = 65536 + 14;
 
 pub struct Net {
-    tap: File,
+    /// `None` for a template's NIC, which has no host side yet (its clones bring their own
+    /// tap): what the guest sends is dropped and nothing arrives.
+    tap: Option<File>,
     mac: [u8; 6],
     mtu: u16,
     active: Option<Active>,
@@ -44,7 +47,7 @@ struct Active {
 
 impl Net {
     /// `tap` must be non-blocking, opened with `IFF_TAP | IFF_NO_PI` (no vnet header).
-    pub fn new(tap: File, mac: [u8; 6], mtu: u16) -> Self {
+    pub fn new(tap: Option<File>, mac: [u8; 6], mtu: u16) -> Self {
         Self {
             tap,
             mac,
@@ -67,8 +70,9 @@ impl Net {
 
     /// Reads the next frame from the tap, header first; `None` when it has none now.
     fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let tap = self.tap.as_mut()?;
         loop {
-            match self.tap.read(&mut self.frame) {
+            match tap.read(&mut self.frame) {
                 Ok(0) => return None,
                 Ok(n) => {
                     let mut out = vec![0u8; HEADER_LEN];
@@ -143,8 +147,10 @@ impl Net {
                     break;
                 }
             }
-            if frame.len() > HEADER_LEN {
-                let _ = self.tap.write(&frame[HEADER_LEN..]);
+            if frame.len() > HEADER_LEN
+                && let Some(tap) = self.tap.as_mut()
+            {
+                let _ = tap.write(&frame[HEADER_LEN..]);
             }
             let _ = queue.add_used(mem, head, 0);
             used = true;
@@ -208,7 +214,7 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        self.tap.iter().map(|t| t.as_raw_fd()).collect()
     }
 
     fn host_fd_ready(&mut self, _fd: RawFd, readable: bool, _writable: bool) {
@@ -221,6 +227,13 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.pending = None;
+    }
+
+    fn active_queues(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueueSnapshot::from).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -240,7 +253,7 @@ mod tests {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         let file = File::from(std::os::fd::OwnedFd::from(a));
-        (Net::new(file, [2, 0, 0, 0, 0, 1], 1500), b)
+        (Net::new(Some(file), [2, 0, 0, 0, 0, 1], 1500), b)
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use runv_api::{Capabilities, HypervisorClient, NetInterface, SharedDir, VmConfig};
+use runv_api::{BlockDevice, Capabilities, HypervisorClient, NetInterface, SharedDir, VmConfig};
 use runv_proto::client::AgentClient;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,9 @@ pub struct Request {
     pub memory_mib: u64,
     pub shares: Vec<String>,
     pub nics: usize,
+    /// The disks' ids (see [`Shape::disks`]).
+    #[serde(default)]
+    pub disks: Vec<String>,
     pub parameters: BTreeMap<String, String>,
     pub agent_timeout_secs: u64,
 }
@@ -69,6 +72,7 @@ impl Request {
             memory_mib: self.memory_mib,
             shares: self.shares.clone(),
             nics: self.nics,
+            disks: self.disks.clone(),
             parameters: self.parameters.clone(),
         })
     }
@@ -92,9 +96,17 @@ pub fn build(request: &Request, wait: bool) -> anyhow::Result<Option<Meta>> {
     let registry = Registry::load(plugins::search_dirs(&request.driver_dirs));
     let hypervisor = registry.choose_hypervisor(Some(&request.driver))?;
     let driver = &hypervisor.client;
-    if !driver.info().capabilities.contains(Capabilities::SNAPSHOT) {
+    let caps = driver.info().capabilities;
+    if !caps.contains(Capabilities::SNAPSHOT) {
         bail!(
             "driver {} cannot save VMs (no snapshot capability), so it has no templates",
+            request.driver
+        );
+    }
+    if !request.disks.is_empty() && !caps.contains(Capabilities::TEMPLATE_DISKS) {
+        bail!(
+            "driver {} cannot give a clone its own disks (no template-disks capability), so \
+             containers with a block rootfs have no templates",
             request.driver
         );
     }
@@ -153,6 +165,16 @@ pub fn build(request: &Request, wait: bool) -> anyhow::Result<Option<Meta>> {
                 tag: tag.clone(),
                 host_path: empty.clone(),
                 readonly: true,
+            })
+            .collect(),
+        // Empty disk slots: each clone puts its own disks there.
+        block_devices: shape
+            .disks
+            .iter()
+            .map(|id| BlockDevice {
+                id: id.clone(),
+                host_path: PathBuf::new(),
+                readonly: false,
             })
             .collect(),
         network_interfaces: (0..shape.nics)

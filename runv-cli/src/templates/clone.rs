@@ -42,10 +42,15 @@ pub fn start(
         Mode::Named(name) => Some(name.as_str()),
         _ => None,
     };
-    let why_not = if !driver.info().capabilities.contains(Capabilities::SNAPSHOT) {
+    let caps = driver.info().capabilities;
+    let why_not = if !caps.contains(Capabilities::SNAPSHOT) {
         Some(format!("driver {} cannot restore VMs", config.driver))
-    } else if !vm_config.block_devices.is_empty() {
-        Some("a block-device rootfs is not templated (its size is guest state)".to_string())
+    } else if !vm_config.block_devices.is_empty() && !caps.contains(Capabilities::TEMPLATE_DISKS) {
+        Some(format!(
+            "driver {} cannot give a clone its own disks, so a block-device rootfs is not \
+             templated",
+            config.driver
+        ))
     } else {
         None
     };
@@ -72,6 +77,11 @@ pub fn start(
             .map(|s| s.tag.clone())
             .collect(),
         nics: vm_config.network_interfaces.len(),
+        disks: vm_config
+            .block_devices
+            .iter()
+            .map(|d| d.id.clone())
+            .collect(),
         parameters: vm_config.parameters.clone(),
         agent_timeout_secs: config.agent_timeout_secs,
     };

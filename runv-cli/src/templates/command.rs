@@ -62,8 +62,17 @@ fn create(ctx: &Ctx, dir: PathBuf, a: &CreateArgs) -> anyhow::Result<()> {
     let hypervisor = registry.choose_hypervisor(ctx.opts.driver.as_deref())?;
     let info = hypervisor.client.info();
     let parameters = crate::commands::create::hypervisor_parameters(ctx, info.name.as_str(), &vm)?;
-    let mut shares = vec![crate::monitor::ROOTFS_TAG.to_string()];
-    if a.volumes {
+    // As the monitor decides: the rootfs is a share where the driver can share directories,
+    // else a disk (a directory becomes an image), and volumes need a share.
+    let can_share = info
+        .capabilities
+        .contains(runv_api::Capabilities::SHARED_DIR_ROOTFS);
+    let (mut shares, disks) = if can_share {
+        (vec![crate::monitor::ROOTFS_TAG.to_string()], Vec::new())
+    } else {
+        (Vec::new(), vec![crate::monitor::ROOTFS_TAG.to_string()])
+    };
+    if a.volumes && can_share {
         shares.push(crate::monitor::volumes::TAG.to_string());
     }
     let request = Request {
@@ -81,6 +90,7 @@ fn create(ctx: &Ctx, dir: PathBuf, a: &CreateArgs) -> anyhow::Result<()> {
             .max(bundle::MIN_MEMORY_MIB),
         shares,
         nics: a.nics,
+        disks,
         parameters,
         agent_timeout_secs: crate::commands::create::agent_timeout()?,
     };

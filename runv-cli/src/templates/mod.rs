@@ -65,6 +65,11 @@ pub struct Shape {
     pub shares: Vec<String>,
     /// How many NICs (their taps and MACs are the clone's).
     pub nics: usize,
+    /// The disks' ids, in device order, for drivers whose clones bring their own disks
+    /// (`template-disks`: kvm-native's block rootfs). Left out of the key when there are
+    /// none, so that templates made before disks were shaped keep theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
     pub parameters: BTreeMap<String, String>,
 }
 
@@ -308,6 +313,7 @@ mod tests {
             memory_mib: 128,
             shares: vec!["rootfs".into()],
             nics: 0,
+            disks: Vec::new(),
             parameters: BTreeMap::new(),
         }
     }
@@ -326,6 +332,7 @@ mod tests {
             Box::new(|s| s.vcpus = 2),
             Box::new(|s| s.nics = 1),
             Box::new(|s| s.shares.push("runv-mounts".into())),
+            Box::new(|s| s.disks.push("rootfs".into())),
             Box::new(|s| {
                 s.parameters.insert("accel".into(), "tcg".into());
             }),
@@ -335,6 +342,17 @@ mod tests {
             change(&mut s);
             assert_ne!(s.key(), base, "{s:?}");
         }
+    }
+
+    #[test]
+    fn a_shape_without_disks_keeps_the_key_it_had_before_disks() {
+        // The key of `shape()` when Shape had no `disks` field: templates made then still fit.
+        assert!(!serde_json::to_string(&shape()).unwrap().contains("disks"));
+        let old = r#"{"driver":"qemu","driver_version":"0.1.0","runv_version":"0.1.0",
+            "kernel_sha256":"k","initrd_sha256":"i","kernel_params":"runv.template=1",
+            "vcpus":1,"memory_mib":128,"shares":["rootfs"],"nics":0,"parameters":{}}"#;
+        let parsed: Shape = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed, shape());
     }
 
     #[test]

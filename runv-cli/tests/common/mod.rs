@@ -2,6 +2,8 @@
 //! commands with timeouts, and checks that nothing is left behind.
 #![allow(dead_code)]
 
+pub mod templates;
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::symlink;
