@@ -66,7 +66,7 @@ pub fn table(r: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "  {:<36} {:>12} {:>12} {:>8}",
+        "  {:<36} {:>18} {:>18} {:>8}",
         "median ms (min-max)", "runv", "runc", "ratio"
     );
     for (key, label) in [
@@ -84,7 +84,7 @@ pub fn table(r: &Value) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:<36} {:>12} {:>12} {:>7.2}x",
+            "  {:<36} {:>18} {:>18} {:>7.2}x",
             label,
             cell("runv"),
             cell("runc"),
