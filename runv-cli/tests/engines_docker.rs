@@ -39,6 +39,12 @@ impl Docker {
                     "path": RUNV,
                     "runtimeArgs": ["--config", sb.path("runv.toml")],
                 },
+                // VM templates: a template is made after the first start, later starts
+                // restore it.
+                "runv-tmpl": {
+                    "path": RUNV,
+                    "runtimeArgs": ["--template", "auto", "--template-dir", sb.path("templates")],
+                },
             },
             // A private bridge in the sandbox's network namespace.
             "bip": "10.99.0.1/24",
@@ -394,4 +400,81 @@ fn docker_passes_runtime_args_to_runv() {
     assert_eq!(out.stdout, "2\n");
     let out = d.ok(&["run", "--rm", "--runtime", "runv", IMAGE, "nproc"], 120);
     assert_eq!(out.stdout, "1\n");
+}
+
+/// Templates through docker's runtimeArgs: the first start is cold and leaves a template
+/// behind; later containers are clones (their VMM maps the template's memory file) with the
+/// same results as a cold start.
+#[test]
+fn docker_runs_containers_from_a_vm_template() {
+    let _serial = lock();
+    let Some(d) = Docker::start("dk5") else {
+        return;
+    };
+    let store = d.sb.path("templates");
+    let probe = "hostname; echo out; exit 3";
+    let run = || {
+        let out = d.run(
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                "runv-tmpl",
+                IMAGE,
+                "sh",
+                "-c",
+                probe,
+            ],
+            180,
+        );
+        assert_eq!(out.code(), 3, "{out}");
+        out.stdout
+    };
+    let cold = run();
+    let templates = || {
+        let out = d.sb.run(
+            std::process::Command::new(RUNV)
+                .arg("--template-dir")
+                .arg(&store)
+                .args(["template", "list", "--format", "json"]),
+            30,
+            None,
+        );
+        serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    d.sb.wait_for("the template made after the first start", 240, |_| {
+        templates() == 1
+    });
+    let id = d
+        .ok(
+            &["run", "-d", "--runtime", "runv-tmpl", IMAGE, "sleep", "300"],
+            180,
+        )
+        .stdout
+        .trim()
+        .to_string();
+    let clone_vmm = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .any(|c| c.contains("qemu-system") && c.contains(store.to_str().unwrap()));
+    assert!(
+        clone_vmm,
+        "the container's VMM runs from the template's memory file"
+    );
+    let hostname = d.ok(&["exec", &id, "hostname"], 60).stdout;
+    assert_eq!(hostname.trim(), &id[..12], "the clone has its own hostname");
+    d.ok(&["rm", "-f", &id], 60);
+    let warm = run();
+    assert_eq!(warm.lines().nth(1), Some("out"));
+    assert_eq!(cold.lines().nth(1), Some("out"));
+    assert_ne!(
+        warm.lines().next(),
+        cold.lines().next(),
+        "hostnames per container"
+    );
 }
