@@ -168,8 +168,11 @@ pub fn monitor(data: &[u8]) -> bool {
     true
 }
 
+/// A fuzz target: true when the input was accepted.
+pub type Target = fn(&[u8]) -> bool;
+
 /// The target function of each target name.
-pub const TARGETS: [(&str, fn(&[u8]) -> bool); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("frames", frames),
     ("messages", messages),
     ("preamble", preamble),

@@ -51,7 +51,7 @@ impl Write for SlowSink {
         }
         self.pos += buf.len() as u64;
         self.writes += 1;
-        if self.writes % 16 == 0 {
+        if self.writes.is_multiple_of(16) {
             std::thread::sleep(Duration::from_millis(2));
         }
         self.consumed.store(self.pos, Ordering::SeqCst);

@@ -35,7 +35,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("invalid size {s:?} (examples: 10G, 256M)"))?;
     n.checked_mul(mult)
-        .filter(|v| *v >= 1 << 20 && v % SECTOR == 0)
+        .filter(|v| *v >= 1 << 20 && v.is_multiple_of(SECTOR))
         .ok_or_else(|| format!("invalid size {s:?}: at least 1M, a multiple of 512 bytes"))
 }
 

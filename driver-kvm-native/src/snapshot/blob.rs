@@ -50,7 +50,7 @@ fn nibble(c: u8) -> Option<u8> {
 impl<'de> Deserialize<'de> for Blob {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let hex = String::deserialize(d)?;
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(serde::de::Error::custom("odd-length hex blob"));
         }
         hex.as_bytes()

@@ -249,7 +249,7 @@ impl Disk {
 
     /// The byte offset of `len` bytes at `sector`, if they are whole sectors on the disk.
     fn disk_range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
