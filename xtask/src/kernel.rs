@@ -15,6 +15,7 @@
 //! SHA-256 of the fragment, the source package's version, the compiler and [`RECIPE`]: an
 //! unchanged kernel is never rebuilt (CI, `cargo xtask bench`). The unpacked source and the
 //! object tree stay there too, so a changed fragment rebuilds only what it touches.
+//! Progress goes to stderr (`cargo xtask bench --json` runs this first).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,7 +40,7 @@ const KEEP_BUILT: usize = 4;
 /// Where the kernel and its initrd go, under the workspace.
 pub const OUT_DIR: &str = "target/guest/runv";
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 pub struct Args {
     /// parallel make jobs (default: the number of CPUs)
     #[arg(long, value_name = "N")]
@@ -69,13 +70,13 @@ pub fn run(args: Args) -> Result<()> {
         });
         let t0 = Instant::now();
         build(&cache, &version, &fragment, &built, jobs)?;
-        println!(
+        eprintln!(
             "kernel built in {:.0} s ({jobs} jobs)",
             t0.elapsed().as_secs_f64()
         );
         prune_built(&cache.join("built"), KEEP_BUILT)?;
     } else {
-        println!("kernel {key} from the cache {}", built.display());
+        eprintln!("kernel {key} from the cache {}", built.display());
         // Mark it used, so pruning keeps the kernels in use.
         std::fs::write(built.join("done"), "")?;
     }
@@ -92,10 +93,10 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::remove_dir_all(&stage)?;
 
     let release = std::fs::read_to_string(out.join("kernel.release"))?;
-    println!("kernel {} (cache key {key})", release.trim());
+    eprintln!("kernel {} (cache key {key})", release.trim());
     for f in ["vmlinux", "vmlinuz", "initrd.img"] {
         let p = out.join(f);
-        println!(
+        eprintln!(
             "{:>12} bytes  {}",
             std::fs::metadata(&p)?.len(),
             p.display()
@@ -174,7 +175,7 @@ fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
         .open(path)
         .with_context(|| format!("{}", path.display()))?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).or_else(|(f, _)| {
-        println!("waiting for another kernel build ({})", path.display());
+        eprintln!("waiting for another kernel build ({})", path.display());
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
     })
@@ -198,7 +199,7 @@ fn build(cache: &Path, version: &str, fragment: &Path, built: &Path, jobs: usize
             .args(args);
         c
     };
-    println!("configuring: make allnoconfig + {}", fragment.display());
+    eprintln!("configuring: make allnoconfig + {}", fragment.display());
     run_cmd(
         make(&["-s", "allnoconfig"])
             .env("KCONFIG_ALLCONFIG", fragment)
@@ -214,16 +215,12 @@ fn build(cache: &Path, version: &str, fragment: &Path, built: &Path, jobs: usize
             obj.join(".config").display()
         );
     }
-    println!(
+    eprintln!(
         "building vmlinux and bzImage with {jobs} jobs in {}",
         obj.display()
     );
-    run_cmd(&mut make(&[
-        "-s",
-        &format!("-j{jobs}"),
-        "vmlinux",
-        "bzImage",
-    ]))?;
+    // Its output goes to stderr: `cargo xtask bench --json` builds through here.
+    run_cmd(make(&["-s", &format!("-j{jobs}"), "vmlinux", "bzImage"]).stdout(std::io::stderr()))?;
     let release = Command::new("make")
         .arg("-C")
         .arg(&src)
@@ -263,13 +260,13 @@ fn unpack(cache: &Path, version: &str) -> Result<PathBuf> {
         for sub in ["src", "obj"] {
             if let Ok(entries) = std::fs::read_dir(cache.join(sub)) {
                 for e in entries.flatten() {
-                    println!("removing {} (another source version)", e.path().display());
+                    eprintln!("removing {} (another source version)", e.path().display());
                     std::fs::remove_dir_all(e.path())?;
                 }
             }
         }
         std::fs::create_dir_all(&dir)?;
-        println!("unpacking {TARBALL} ({SOURCE_PACKAGE} {version})");
+        eprintln!("unpacking {TARBALL} ({SOURCE_PACKAGE} {version})");
         run_cmd(
             Command::new("tar")
                 .arg("-C")
