@@ -6,6 +6,7 @@ PACKAGES=(
     qemu-system-x86   # the default hypervisor (TCG where there is no usable KVM)
     busybox-static    # the demo and test container rootfs
     e2fsprogs cpio kmod xz-utils zstd   # guest image: initrd, module deps, kernel unpacking
+    linux-source-6.1 build-essential flex bison bc libelf-dev   # cargo xtask kernel (runv's own guest kernel)
     iproute2 iptables # network tests
     docker.io containerd podman   # engine tests: runv as their runtime
     containernetworking-plugins   # the CRI pod test's CNI bridge network

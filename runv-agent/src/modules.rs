@@ -1,7 +1,9 @@
 //! Loading kernel modules from the initrd, only those the devices need.
 //!
 //! `/lib/modules/order` is written at image build time, one module per line in dependency
-//! order: `name relative/path.ko dep1 dep2 ...`.
+//! order: `name relative/path.ko dep1 dep2 ...`. runv's own kernel (`cargo xtask kernel`) has
+//! every driver built in and its initrd has no `/lib/modules`: the table is then empty and
+//! nothing is loaded (no scan of the virtio devices either).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -26,29 +28,40 @@ pub struct Modules {
 
 impl Modules {
     pub fn load_table() -> Self {
-        let mut table = HashMap::new();
         match std::fs::read_to_string(ORDER) {
-            Ok(text) => {
-                for line in text.lines() {
-                    let mut it = line.split_whitespace();
-                    let (Some(name), Some(path)) = (it.next(), it.next()) else {
-                        continue;
-                    };
-                    table.insert(
-                        name.replace('-', "_"),
-                        Entry {
-                            path: format!("/lib/modules/{path}"),
-                            deps: it.map(|d| d.replace('-', "_")).collect(),
-                        },
-                    );
-                }
+            Ok(text) => Self::parse(&text),
+            Err(e) => {
+                crate::debug!("no module list {ORDER} ({e}): drivers are built into the kernel");
+                Self::parse("")
             }
-            Err(e) => crate::debug!("no module list {ORDER}: {e}"),
+        }
+    }
+
+    /// The table from the text of `/lib/modules/order`.
+    fn parse(text: &str) -> Self {
+        let mut table = HashMap::new();
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(name), Some(path)) = (it.next(), it.next()) else {
+                continue;
+            };
+            table.insert(
+                name.replace('-', "_"),
+                Entry {
+                    path: format!("/lib/modules/{path}"),
+                    deps: it.map(|d| d.replace('-', "_")).collect(),
+                },
+            );
         }
         Self {
             table,
             loaded: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Whether the initrd ships any module at all (none with runv's own kernel).
+    pub fn any(&self) -> bool {
+        !self.table.is_empty()
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -97,6 +110,9 @@ impl Modules {
     /// Loads every module the container path loads on demand (9p shares, virtio-net,
     /// virtio-blk with ext4), for a template VM whose clones should not each load them.
     pub fn load_for_containers(&self) {
+        if !self.any() {
+            return;
+        }
         for m in [
             "9pnet_virtio",
             "9p",
@@ -116,6 +132,9 @@ impl Modules {
     /// Loads the virtio transports, then a driver for every virtio device present; on Xen,
     /// the Xen front-ends.
     pub fn load_for_devices(&self) {
+        if !self.any() {
+            return;
+        }
         for m in ["virtio_mmio", "virtio_pci"] {
             if let Err(e) = self.ensure(m) {
                 crate::warn!("{e}");
@@ -163,4 +182,37 @@ const XEN_FRONTENDS: [&str; 3] = ["xen_blkfront", "xen_netfront", "9pnet_xen"];
 /// kernel built with Xen support, also on KVM).
 pub fn on_xen() -> bool {
     std::fs::read_dir("/sys/bus/xen/devices").is_ok_and(|mut d| d.next().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_file_lines_become_entries_with_dependencies() {
+        let m = Modules::parse(
+            "virtio_ring kernel/drivers/virtio/virtio_ring.ko\n\
+             9pnet-virtio kernel/net/9p/9pnet_virtio.ko 9pnet virtio_ring\n\
+             garbage\n",
+        );
+        assert!(m.any());
+        assert!(m.has("9pnet_virtio") && m.has("9pnet-virtio") && m.has("virtio_ring"));
+        assert!(!m.has("garbage"));
+        let e = &m.table["9pnet_virtio"];
+        assert_eq!(e.path, "/lib/modules/kernel/net/9p/9pnet_virtio.ko");
+        assert_eq!(e.deps, ["9pnet", "virtio_ring"]);
+    }
+
+    #[test]
+    fn without_modules_every_driver_counts_as_built_in() {
+        let m = Modules::parse("");
+        assert!(!m.any());
+        // Nothing to open: any name is taken as built in and none is recorded as loaded.
+        assert_eq!(m.ensure("9p"), Ok(()));
+        assert_eq!(m.ensure("virtio_net"), Ok(()));
+        assert!(m.loaded.lock().unwrap().is_empty());
+        m.load_for_devices();
+        m.load_for_containers();
+        assert!(m.loaded.lock().unwrap().is_empty());
+    }
 }

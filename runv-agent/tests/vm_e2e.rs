@@ -151,7 +151,10 @@ fn agent_in_a_vm() {
         eprintln!("skipped: no /bin/busybox (busybox-static)");
         return;
     }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    // `$RUNV_GUEST_DIR` (e.g. runv's own kernel, target/guest/runv), else Debian's.
+    let guest = std::env::var_os("RUNV_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
     let (kernel, initrd) = (guest.join("vmlinux"), guest.join("initrd.img"));
     assert!(
         kernel.exists() && initrd.exists(),

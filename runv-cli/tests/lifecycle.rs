@@ -16,10 +16,9 @@ fn run_prints_from_inside_the_vm_and_propagates_exit_codes() {
         180,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let guest_release =
-        fs::read_to_string(common::workspace_root().join("target/guest/kernel.release")).unwrap();
+    let guest_release = common::guest_release();
     let host_release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_eq!(text(&out.stdout).trim(), guest_release.trim());
+    assert_eq!(text(&out.stdout).trim(), guest_release);
     assert_ne!(guest_release.trim(), host_release.trim());
 
     let bundle = env.bundle("b42", &["sh", "-c", "echo out; echo err >&2; exit 42"]);

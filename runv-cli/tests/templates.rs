@@ -144,11 +144,7 @@ fn clones_run_containers_and_are_unique() {
 fn a_stale_template_is_rebuilt_not_used() {
     let t = TplEnv::new("tpl-stale");
     let initrd = t.env.dir.join("initrd.img");
-    fs::copy(
-        common::workspace_root().join("target/guest/initrd.img"),
-        &initrd,
-    )
-    .unwrap();
+    fs::copy(common::guest_dir().join("initrd.img"), &initrd).unwrap();
     let bundle = probe_bundle(&t, "p");
     let flags = ["--template", "auto", "--initrd", initrd.to_str().unwrap()];
 

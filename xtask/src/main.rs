@@ -7,6 +7,7 @@ mod dist;
 mod docs;
 mod fuzz;
 mod guest;
+mod kernel;
 mod soak;
 mod vmtest;
 
@@ -31,6 +32,9 @@ enum Task {
     Demo(demo::Args),
     /// Build the guest kernel + initrd into target/guest (Debian's kernel when no --kernel)
     Guest(guest::Args),
+    /// Build runv's own guest kernel (linux-source-6.1 + guest/kernel/runv.config, cached)
+    /// and its agent-only initrd into target/guest/runv
+    Kernel(kernel::Args),
     /// Install bin/runv, the chosen plugins under lib/runv and the guest files under share/runv
     Dist(dist::Args),
     /// Interleaved cold-start/exec/memory benchmarks against a bare-qemu floor and runc
@@ -61,6 +65,7 @@ fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Demo(args) => demo::run(args),
         Task::Guest(args) => guest::run(args),
+        Task::Kernel(args) => kernel::run(args),
         Task::Dist(args) => dist::run(args),
         Task::Bench(args) => bench::run(args),
         Task::Vmtest(args) => vmtest::run(args),

@@ -12,6 +12,8 @@
 //! summary). kvmtool is not packaged by Debian: see the README for building it.
 //!
 //! Needs `cargo build --workspace` and `cargo xtask guest` first (scripts/test.sh does both).
+//! With `RUNV_GUEST_DIR=target/guest/runv` every step boots runv's own kernel instead
+//! (`cargo xtask kernel`).
 
 mod common;
 
@@ -19,7 +21,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{
-    TempDir, assert_built, make_bundle, qemu_with_tcg, run_in_test_host, target_dir, value,
+    TempDir, assert_built, guest_dir, guest_flags, guest_release, make_bundle, qemu_with_tcg,
+    run_in_test_host, target_dir, value,
 };
 
 const SCRIPT: &str = r#"
@@ -30,6 +33,7 @@ PINGER="$3"   # in netns n1: pings 10.9.0.1
 VMLINUZ="$4"  # the guest kernel as a bzImage for kvm-native, or - to skip that step
 DRIVERS="$5"  # NAME:FLAGS;NAME:FLAGS... (FLAGS split at spaces)
 if [ "$6" != - ]; then export RUNV_KVMTOOL="$6"; fi  # the lkvm binary, or -
+INITRD="$7"   # the initrd to boot the bzImage with, or - for runv's default
 step() { echo "== $*"; }
 R=/tmp/r
 
@@ -104,7 +108,8 @@ IFS=$old_ifs
 
 if [ "$VMLINUZ" != - ]; then
     step "kvm-native: the bzImage, through the 64-bit boot protocol"
-    timeout 200 runv --driver kvm-native --kernel "$VMLINUZ" --root $R run --bundle "$B" bz </dev/null
+    if [ "$INITRD" = - ]; then set --; else set -- --initrd "$INITRD"; fi
+    timeout 200 runv --driver kvm-native --kernel "$VMLINUZ" "$@" --root $R run --bundle "$B" bz </dev/null
     echo "BZIMAGE-RUN-RC=$?"
 fi
 echo "SCRIPT-DONE=yes"
@@ -209,7 +214,7 @@ fn drive(
 ) -> (String, String, String) {
     let target = target_dir();
     let runv = target.join("debug/runv");
-    let release = fs::read_to_string(target.join("guest/kernel.release")).unwrap();
+    let release = guest_release();
 
     // Under target/ (the test host sees the host's / but has its own fresh /tmp).
     let dir = TempDir(target.join(format!("vmtest-{tag}-{}", std::process::id())));
@@ -248,11 +253,25 @@ fn drive(
     fs::write(&script, SCRIPT).unwrap();
 
     let vmlinuz = if bzimage {
-        target.join("guest/vmlinuz")
+        guest_dir().join("vmlinuz")
     } else {
         PathBuf::from("-")
     };
-    let specs: Vec<String> = drivers.iter().map(|(n, f)| format!("{n}:{f}")).collect();
+    let guest = guest_flags();
+    let initrd = match guest.iter().position(|f| f == "--initrd") {
+        Some(i) => PathBuf::from(&guest[i + 1]),
+        None => PathBuf::from("-"),
+    };
+    // The script splits the driver specs at ';' and the flags at spaces.
+    assert!(
+        guest.iter().all(|f| !f.contains([' ', ';'])),
+        "guest paths must not hold spaces or semicolons: {guest:?}"
+    );
+    let guest = guest.join(" ");
+    let specs: Vec<String> = drivers
+        .iter()
+        .map(|(n, f)| format!("{n}:{f} {guest}").trim_end().to_string())
+        .collect();
     let specs = PathBuf::from(specs.join(";"));
     let out = run_in_test_host(
         &script,
@@ -263,6 +282,7 @@ fn drive(
             &vmlinuz,
             &specs,
             lkvm.unwrap_or(Path::new("-")),
+            &initrd,
         ],
         timeout_s,
     );
@@ -276,7 +296,7 @@ fn drive(
         out.status
     );
     assert_eq!(value(&stdout, "SCRIPT-DONE"), Some("yes"), "{all}");
-    (stdout, all, release.trim().to_string())
+    (stdout, all, release)
 }
 
 fn kernels(stdout: &str) -> Vec<&str> {

@@ -23,13 +23,33 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The guest the tests boot: `$RUNV_GUEST_DIR` (`target/guest/runv` for runv's own kernel,
+/// `cargo xtask kernel`), else `target/guest` (Debian's kernel, runv's default; `cargo xtask
+/// guest`).
+pub fn guest_dir() -> PathBuf {
+    match std::env::var_os("RUNV_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => workspace_root().join("target/guest"),
+    }
+}
+
+/// The release of the guest kernel the tests boot.
+pub fn guest_release() -> String {
+    let f = guest_dir().join("kernel.release");
+    fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .to_string()
+}
+
 /// Fails with a clear message when what a VM test needs is missing.
 pub fn require_guest() {
-    let guest = workspace_root().join("target/guest");
+    let guest = guest_dir();
     for f in ["vmlinux", "initrd.img"] {
         assert!(
             guest.join(f).exists(),
-            "{} is missing: run `cargo xtask guest` first",
+            "{} is missing: run `cargo xtask guest` (or `cargo xtask kernel` for \
+             RUNV_GUEST_DIR=target/guest/runv) first",
             guest.join(f).display()
         );
     }
@@ -69,6 +89,13 @@ impl Env {
             .env("RUNV_AGENT_TIMEOUT", "120")
             .arg("--root")
             .arg(&self.root);
+        // Another guest than the default one: through the environment, so that a spec's `vm`
+        // section and the flags still take precedence as they do for users.
+        if std::env::var_os("RUNV_GUEST_DIR").is_some() {
+            let guest = guest_dir();
+            cmd.env("RUNV_KERNEL", guest.join("vmlinux"))
+                .env("RUNV_INITRD", guest.join("initrd.img"));
+        }
         cmd
     }
 

@@ -4,6 +4,7 @@
 //! interleaved round by round; medians with min/max; ratios paired per round. See BENCHMARKS.md.
 
 mod nested;
+mod own_kernel;
 mod parse;
 mod pods;
 mod stats;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use own_kernel::OwnKernel;
 use parse::GuestMarks;
 use stats::Summary;
 
@@ -222,6 +224,7 @@ fn write_bundle(
     rootfs: &Path,
     args: &[&str],
     kernel_params: &[&str],
+    own: Option<&OwnKernel>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let st = env
@@ -239,11 +242,16 @@ fn write_bundle(
     spec["process"]["args"] = json!(args);
     spec["root"] = json!({"path": rootfs, "readonly": false});
     if !kernel_params.is_empty() {
-        // The OCI `vm` section needs the kernel's path: the guest runv uses by default.
+        // The OCI `vm` section needs the kernel's path: the guest runv uses by default, or
+        // runv's own kernel.
         let guest = crate::workspace_root()?.join("target/guest");
+        let (kernel, initrd) = match own {
+            Some(k) => (k.vmlinux.clone(), k.initrd.clone()),
+            None => (guest.join("vmlinux"), guest.join("initrd.img")),
+        };
         spec["vm"] = json!({"kernel": {
-            "path": guest.join("vmlinux"),
-            "initrd": guest.join("initrd.img"),
+            "path": kernel,
+            "initrd": initrd,
             "parameters": kernel_params,
         }});
     }
@@ -319,11 +327,20 @@ enum Variant {
     Floor {
         quiet: bool,
     },
+    /// The floor booting runv's own kernel.
+    FloorOwn,
     Runv {
         driver: String,
         storage: Option<String>,
     },
     Phases {
+        driver: String,
+    },
+    /// `runv run` of `/bin/true` and the phase run, booting runv's own kernel.
+    RunvOwn {
+        driver: String,
+    },
+    PhasesOwn {
         driver: String,
     },
     /// `runv --template run` of `/bin/true`: restored from a template.
@@ -341,6 +358,11 @@ impl Variant {
         match self {
             Variant::Floor { quiet: false } => "floor: qemu+kernel, /init reboots".into(),
             Variant::Floor { quiet: true } => "floor, kernel 'quiet'".into(),
+            Variant::FloorOwn => "floor, runv's kernel".into(),
+            Variant::RunvOwn { driver } => format!("runv run ({driver}, runv's kernel)"),
+            Variant::PhasesOwn { driver } => {
+                format!("runv --debug run+delete ({driver}, echo, runv's kernel)")
+            }
             Variant::Runv {
                 driver,
                 storage: None,
@@ -373,9 +395,13 @@ struct Bench {
     opts: Opts,
     bundle_true: PathBuf,
     bundle_echo: PathBuf,
+    bundle_echo_own: PathBuf,
     bundle_idle: PathBuf,
     floor_argv: Vec<String>,
     floor_argv_quiet: Vec<String>,
+    floor_argv_own: Vec<String>,
+    /// runv's own kernel (`cargo xtask kernel`), when there is one.
+    own: Option<OwnKernel>,
     qemu: String,
     floor_console: PathBuf,
     seq: usize,
@@ -413,6 +439,12 @@ pub fn run(args: Args) -> Result<()> {
     if !guest.join("initrd.img").exists() {
         bail!("{} has no guest: cargo xtask guest", guest.display());
     }
+    if opts.build && !opts.nested_only {
+        // From the cache unless its configuration or source changed.
+        eprintln!("bench: cargo xtask kernel");
+        crate::kernel::run(crate::kernel::Args::default())?;
+    }
+    let own = OwnKernel::find(&ws.join(crate::kernel::OUT_DIR));
     // Short: the VM sockets live under it (unix socket paths are limited to 107 bytes).
     let tmp = PathBuf::from(format!("/tmp/rvb{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -428,31 +460,48 @@ pub fn run(args: Args) -> Result<()> {
     let mut bench = Bench {
         bundle_true: tmp.join("bt"),
         bundle_echo: tmp.join("be"),
+        bundle_echo_own: tmp.join("bo"),
         bundle_idle: tmp.join("bi"),
         env,
         opts,
         floor_argv: Vec::new(),
         floor_argv_quiet: Vec::new(),
+        floor_argv_own: Vec::new(),
+        own,
         qemu: String::new(),
         floor_console: tmp.join("floor-console.log"),
         seq: 0,
     };
-    write_bundle(&bench.env, &bench.bundle_true, &rootfs, &["/bin/true"], &[])?;
     write_bundle(
         &bench.env,
-        &bench.bundle_echo,
+        &bench.bundle_true,
         &rootfs,
-        &["/bin/echo", "hi"],
-        // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s: without this the
-        // agent's later debug lines (channel open, ...) never reach the console.
-        &["printk.devkmsg=on"],
+        &["/bin/true"],
+        &[],
+        None,
     )?;
+    for (bundle, own) in [
+        (&bench.bundle_echo, None),
+        (&bench.bundle_echo_own, bench.own.as_ref()),
+    ] {
+        write_bundle(
+            &bench.env,
+            bundle,
+            &rootfs,
+            &["/bin/echo", "hi"],
+            // The kernel rate-limits /dev/kmsg writers to 10 lines per 5 s: without this the
+            // agent's later debug lines (channel open, ...) never reach the console.
+            &["printk.devkmsg=on"],
+            own,
+        )?;
+    }
     write_bundle(
         &bench.env,
         &bench.bundle_idle,
         &rootfs,
         &["/bin/sleep", "100000"],
         &[],
+        None,
     )?;
     let report = if bench.opts.nested_only {
         json!({ "nested_kvm": nested::run(&ws, &release, bench.opts.runs)? })
@@ -550,6 +599,13 @@ impl Bench {
         if let Some(i) = self.floor_argv_quiet.iter().position(|a| a == "-append") {
             self.floor_argv_quiet[i + 1].push_str(" quiet");
         }
+        if let Some(k) = &self.own {
+            self.floor_argv_own = own_kernel::with_kernel(&self.floor_argv, &k.vmlinux);
+        }
+        report["own_kernel"] = match &self.own {
+            Some(k) => k.json(),
+            None => json!("skipped: no target/guest/runv (cargo xtask kernel)"),
+        };
         report["floor"] = json!({
             "qemu": qemu, "args": self.floor_argv, "init": init_kind,
             "driver_command_line": line,
@@ -561,6 +617,9 @@ impl Bench {
         std::thread::sleep(Duration::from_secs(2));
         let mem_avail_kb = meminfo("MemAvailable:");
         report["memory_one"] = memory(std::slice::from_ref(&state), ram_mib, &kernel)?;
+        if !self.opts.warm_only {
+            report["memory_one_own_kernel"] = self.memory_own(&first, ram_mib)?;
+        }
 
         if !self.opts.warm_only {
             report["exec"] = self.exec_bench(&c0)?;
@@ -617,16 +676,29 @@ impl Bench {
                 storage: None,
             });
         } else {
+            if self.own.is_some() {
+                variants.push(Variant::FloorOwn);
+            }
             for (d, s) in &drivers {
                 variants.push(Variant::Runv {
                     driver: d.clone(),
                     storage: s.clone(),
                 });
             }
+            if self.own.is_some() {
+                variants.push(Variant::RunvOwn {
+                    driver: first.clone(),
+                });
+            }
         }
         variants.push(Variant::Phases {
             driver: first.clone(),
         });
+        if self.own.is_some() && !self.opts.warm_only {
+            variants.push(Variant::PhasesOwn {
+                driver: first.clone(),
+            });
+        }
         variants.push(Variant::Warm {
             driver: first.clone(),
         });
@@ -639,8 +711,10 @@ impl Bench {
         let runs = self.opts.runs;
         let mut samples: Vec<Vec<Option<f64>>> = vec![vec![None; runs]; variants.len()];
         let mut phase_samples = Vec::new();
+        let mut own_phase_samples = Vec::new();
         let mut warm_phase_samples = Vec::new();
         let mut floor_marks = Vec::new();
+        let mut own_floor_marks = Vec::new();
         for (round, v) in stats::schedule(variants.len(), runs) {
             eprintln!("bench: round {}/{runs}: {}", round + 1, variants[v].label());
             let (secs, extra) = self.cold(&variants[v])?;
@@ -649,7 +723,13 @@ impl Bench {
                 Extra::Phases(p) if matches!(variants[v], Variant::WarmPhases { .. }) => {
                     warm_phase_samples.push(p)
                 }
+                Extra::Phases(p) if matches!(variants[v], Variant::PhasesOwn { .. }) => {
+                    own_phase_samples.push(p)
+                }
                 Extra::Phases(p) => phase_samples.push(p),
+                Extra::Floor(m) if matches!(variants[v], Variant::FloorOwn) => {
+                    own_floor_marks.push(m)
+                }
                 Extra::Floor(m) => floor_marks.push(m),
                 Extra::None => {}
             }
@@ -660,6 +740,7 @@ impl Bench {
         let first_cold = variants
             .iter()
             .position(|v| matches!(v, Variant::Runv { driver, storage: None } if *driver == first));
+        let own_floor = variants.iter().position(|v| matches!(v, Variant::FloorOwn));
         let mut cold = Vec::new();
         for (i, v) in variants.iter().enumerate() {
             let s = summary(&samples[i]);
@@ -672,6 +753,12 @@ impl Bench {
                     "done_criterion": format!("<= {DONE_COLD_RATIO}x floor"),
                     "done_met": stats::met(r, DONE_COLD_RATIO, true),
                 })),
+                Variant::RunvOwn { .. } => {
+                    let to_own = own_floor.and_then(|o| {
+                        stats::summarize(&stats::paired_ratios(&samples[i], &samples[o]))
+                    });
+                    Some(own_kernel::target(ratios, to_own))
+                }
                 Variant::Warm { .. } => {
                     let to_cold = first_cold.and_then(|c| {
                         stats::summarize(&stats::paired_ratios(&samples[i], &samples[c]))
@@ -705,6 +792,8 @@ impl Bench {
         }
         report["cold"] = json!(cold);
         report["phases"] = phases_json(&phase_samples);
+        report["phases_own_kernel"] = phases_json(&own_phase_samples);
+        report["floor_guest_own_kernel"] = floor_guest_json(&own_floor_marks);
         report["warm_phases"] = phases_json(&warm_phase_samples);
         report["floor_guest"] = floor_guest_json(&floor_marks);
         report["nested_kvm"] = if self.opts.nested {
@@ -843,12 +932,13 @@ impl Bench {
 
     fn cold(&mut self, v: &Variant) -> Result<(f64, Extra)> {
         match v {
-            Variant::Floor { quiet } => {
+            Variant::Floor { .. } | Variant::FloorOwn => {
+                let quiet = matches!(v, Variant::Floor { quiet: true });
                 let _ = std::fs::remove_file(&self.floor_console);
-                let argv = if *quiet {
-                    &self.floor_argv_quiet
-                } else {
-                    &self.floor_argv
+                let argv = match v {
+                    Variant::FloorOwn => &self.floor_argv_own,
+                    _ if quiet => &self.floor_argv_quiet,
+                    _ => &self.floor_argv,
                 };
                 let err = self.env.tmp.join("floor.err");
                 let t = Instant::now();
@@ -872,20 +962,26 @@ impl Bench {
                 }
                 Ok((
                     secs,
-                    if *quiet {
+                    if quiet {
                         Extra::None
                     } else {
                         Extra::Floor((secs, marks))
                     },
                 ))
             }
-            Variant::Runv { driver, storage } => {
+            Variant::Runv { driver, .. } | Variant::RunvOwn { driver } => {
                 let id = self.next_id("cold");
                 let err = self.env.tmp.join(format!("{id}.err"));
                 self.env.containers.push(id.clone());
-                let mut cmd = self.env.runv();
+                let mut cmd = match v {
+                    Variant::RunvOwn { .. } => self.runv_own(),
+                    _ => self.env.runv(),
+                };
                 cmd.args(["--driver", driver]);
-                if let Some(s) = storage {
+                if let Variant::Runv {
+                    storage: Some(s), ..
+                } = v
+                {
                     cmd.args(["--storage", s]);
                 }
                 let t = Instant::now();
@@ -906,11 +1002,15 @@ impl Bench {
                 Ok((secs, Extra::None))
             }
             Variant::Phases { driver } => {
-                let (secs, p) = self.phase_run(driver, None)?;
+                let (secs, p) = self.phase_run(driver, None, false)?;
+                Ok((secs, Extra::Phases(p)))
+            }
+            Variant::PhasesOwn { driver } => {
+                let (secs, p) = self.phase_run(driver, None, true)?;
                 Ok((secs, Extra::Phases(p)))
             }
             Variant::WarmPhases { driver } => {
-                let (secs, p) = self.phase_run(driver, Some(warm::TEMPLATE_DEBUG))?;
+                let (secs, p) = self.phase_run(driver, Some(warm::TEMPLATE_DEBUG), false)?;
                 Ok((secs, Extra::Phases(p)))
             }
             Variant::Warm { driver } => {
@@ -955,7 +1055,13 @@ impl Bench {
 
     /// `runv --debug run --keep` of an `echo` container, then `delete`: the phase marks of the
     /// JSON log, the guest console, and the host's first read of the container's output.
-    fn phase_run(&mut self, driver: &str, template: Option<&str>) -> Result<(f64, PhaseSample)> {
+    /// `own`: the bundle boots runv's own kernel.
+    fn phase_run(
+        &mut self,
+        driver: &str,
+        template: Option<&str>,
+        own: bool,
+    ) -> Result<(f64, PhaseSample)> {
         let id = self.next_id("phase");
         let log = self.env.tmp.join(format!("{id}.log"));
         let err = self.env.tmp.join(format!("{id}.err"));
@@ -978,7 +1084,11 @@ impl Bench {
                 "--keep",
                 "--bundle",
             ])
-            .arg(&self.bundle_echo)
+            .arg(if own {
+                &self.bundle_echo_own
+            } else {
+                &self.bundle_echo
+            })
             .arg(&id)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&err)?)
@@ -1192,12 +1302,12 @@ fn floor_guest_json(marks: &[(f64, GuestMarks)]) -> Value {
 // ---------------------------------------------------------------- memory
 
 #[derive(Debug, Clone)]
-struct ContainerPids {
+pub(super) struct ContainerPids {
     monitor: i32,
     vmm: Vec<i32>,
 }
 
-fn read_state(root: &Path, id: &str) -> Result<ContainerPids> {
+pub(super) fn read_state(root: &Path, id: &str) -> Result<ContainerPids> {
     let v: Value = serde_json::from_slice(&std::fs::read(root.join(id).join("state.json"))?)?;
     Ok(ContainerPids {
         monitor: v["pid"].as_i64().context("state.pid")? as i32,
@@ -1213,7 +1323,7 @@ fn read_state(root: &Path, id: &str) -> Result<ContainerPids> {
     })
 }
 
-fn memory(containers: &[ContainerPids], ram_mib: u64, kernel: &str) -> Result<Value> {
+pub(super) fn memory(containers: &[ContainerPids], ram_mib: u64, kernel: &str) -> Result<Value> {
     let (mut mon, mut vmm, mut ram) = ((0u64, 0u64), (0u64, 0u64), (0u64, 0u64));
     let (mut tcg, mut kimg) = ((0u64, 0u64), (0u64, 0u64));
     for c in containers {
@@ -1437,45 +1547,8 @@ fn table(r: &Value) -> String {
         f(&fg["console_bytes"]["median"]),
     );
 
-    let p = &r["phases"];
-    let _ = writeln!(
-        s,
-        "\n4. phases of a cold start (runv --debug run --keep + delete, {} runs; ms)",
-        p["runs"]
-    );
-    let _ = writeln!(
-        s,
-        "{:<44} {:>8} {:>8} {:>8}",
-        "phase", "median", "min", "max"
-    );
-    for ph in p["phases"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            s,
-            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
-            ph["phase"].as_str().unwrap_or(""),
-            f(&ph["ms"]["median"]),
-            f(&ph["ms"]["min"]),
-            f(&ph["ms"]["max"])
-        );
-    }
-    let mods: Vec<String> = p["modules"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            format!(
-                "{} {:.0}",
-                m["module"].as_str().unwrap_or(""),
-                f(&m["ms"]["median"])
-            )
-        })
-        .collect();
-    let _ = writeln!(s, "  modules (ms, median): {}", mods.join(", "));
-    let _ = writeln!(
-        s,
-        "  guest console: {:.0} bytes per boot",
-        f(&p["console_bytes"]["median"])
-    );
+    s.push_str(&phases_table(&r["phases"], "4. phases of a cold start"));
+    s.push_str(&own_kernel::table(r));
     s.push_str(&warm::table(r));
 
     // Not measured with --warm-only.
@@ -1535,13 +1608,20 @@ fn table(r: &Value) -> String {
         "\n6. memory per idle container (MiB){:<10} {:>8} {:>8} {:>8} {:>9} {:>9}  target",
         "", "mon RSS", "mon PSS", "qemu RSS", "qemu PSS", "guest RSS"
     );
-    for key in ["memory_one", "memory_many"] {
+    for (key, what) in [
+        ("memory_one", ""),
+        ("memory_one_own_kernel", ", runv's kernel"),
+        ("memory_many", ""),
+    ] {
         let mm = &r[key];
+        if mm.is_null() {
+            continue;
+        }
         let pc = &mm["per_container_mib"];
         let _ = writeln!(
             s,
             "{:<44} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1}  overhead PSS {:.1} {}: {}",
-            format!("{} running (per container)", mm["containers"]),
+            format!("{} running (per container{what})", mm["containers"]),
             f(&pc["monitor_rss"]),
             f(&pc["monitor_pss"]),
             f(&pc["vmm_rss_excl_guest_ram"]),
@@ -1572,5 +1652,55 @@ fn table(r: &Value) -> String {
     );
     s.push_str(&nested::table(&r["nested_kvm"]));
     s.push_str(&pods::table(&r["pods"]));
+    s
+}
+
+/// A phases section of the table (`p`: what [`phases_json`] made; nothing when it is null).
+fn phases_table(p: &Value, title: &str) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if p.is_null() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "\n{title} (runv --debug run --keep + delete, {} runs; ms)",
+        p["runs"]
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>8} {:>8} {:>8}",
+        "phase", "median", "min", "max"
+    );
+    for ph in p["phases"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "{:<44} {:>8.1} {:>8.1} {:>8.1}",
+            ph["phase"].as_str().unwrap_or(""),
+            f(&ph["ms"]["median"]),
+            f(&ph["ms"]["min"]),
+            f(&ph["ms"]["max"])
+        );
+    }
+    let mods: Vec<String> = p["modules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "{} {:.0}",
+                m["module"].as_str().unwrap_or(""),
+                f(&m["ms"]["median"])
+            )
+        })
+        .collect();
+    if !mods.is_empty() {
+        let _ = writeln!(s, "  modules (ms, median): {}", mods.join(", "));
+    }
+    let _ = writeln!(
+        s,
+        "  guest console: {:.0} bytes per boot",
+        f(&p["console_bytes"]["median"])
+    );
     s
 }

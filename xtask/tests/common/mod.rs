@@ -20,6 +20,44 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target"))
 }
 
+/// The guest the tests boot: `$RUNV_GUEST_DIR` (`target/guest/runv` for runv's own kernel,
+/// `cargo xtask kernel`), else `target/guest` (Debian's kernel, the default; `cargo xtask
+/// guest`).
+pub fn guest_dir() -> PathBuf {
+    match std::env::var_os("RUNV_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => target_dir().join("guest"),
+    }
+}
+
+/// The runv flags that boot [`guest_dir`]'s kernel and initrd: none for the default guest.
+pub fn guest_flags() -> Vec<String> {
+    if std::env::var_os("RUNV_GUEST_DIR").is_none() {
+        return Vec::new();
+    }
+    let dir = guest_dir();
+    let path = |f: &str| {
+        let p = dir.join(f);
+        assert!(p.is_file(), "{} is missing (RUNV_GUEST_DIR)", p.display());
+        p.to_str().expect("a UTF-8 guest path").to_string()
+    };
+    vec![
+        "--kernel".into(),
+        path("vmlinux"),
+        "--initrd".into(),
+        path("initrd.img"),
+    ]
+}
+
+/// The guest kernel's release (`kernel.release` beside it).
+pub fn guest_release() -> String {
+    let f = guest_dir().join("kernel.release");
+    fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .trim()
+        .to_string()
+}
+
 /// A busybox bundle whose container runs `args` (as `cargo xtask demo` makes it).
 pub fn make_bundle(runv: &Path, dir: &Path, args: &[&str]) {
     let rootfs = dir.join("rootfs");
@@ -90,13 +128,18 @@ pub fn qemu_with_tcg(test: &str) -> Option<PathBuf> {
 }
 
 /// Fails, naming the missing file, unless the workspace build and the guest files exist.
+/// `files` under target/ exist; a `guest/` file is looked for in [`guest_dir`].
 pub fn assert_built(files: &[&str]) {
     let target = target_dir();
     for f in files {
-        let needed = target.join(f);
+        let needed = match f.strip_prefix("guest/") {
+            Some(g) => guest_dir().join(g),
+            None => target.join(f),
+        };
         assert!(
             needed.exists(),
-            "{} is missing: run `cargo build --workspace` and `cargo xtask guest` first",
+            "{} is missing: run `cargo build --workspace` and `cargo xtask guest` (or \
+             `cargo xtask kernel` for RUNV_GUEST_DIR=target/guest/runv) first",
             needed.display()
         );
     }
