@@ -8,6 +8,7 @@ mod helper;
 mod init;
 mod modules;
 mod net;
+mod page_reporting;
 mod process_setup;
 mod reaper;
 mod restore;
