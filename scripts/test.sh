@@ -45,7 +45,7 @@ own_kernel_tests() {
     local status=0
     export RUNV_GUEST_DIR="$PWD/target/guest/runv"
     cargo test -p runv-cli --no-fail-fast --test lifecycle --test volumes --test oci_spec_diff \
-        --test templates --test guest_exhaustion --test terminal || status=$?
+        --test templates --test guest_exhaustion --test guest_memory --test terminal || status=$?
     cargo test -p driver-qemu --no-fail-fast --test real_vm || status=$?
     cargo test -p storage-devmapper --no-fail-fast --test block_rootfs_vm || status=$?
     cargo test -p runv-agent --no-fail-fast --test vm_e2e || status=$?

@@ -110,6 +110,7 @@ pub fn main() -> ! {
     let reaper = Reaper::start();
     let modules = Arc::new(Modules::load_table());
     modules.load_for_devices();
+    crate::page_reporting::tune();
     if c.template {
         // Clones share what the template loaded: load now what containers load lazily.
         modules.load_for_containers();

@@ -9,6 +9,7 @@ mod init;
 mod modules;
 mod net;
 mod power;
+mod page_reporting;
 mod process_setup;
 mod reaper;
 mod restore;

@@ -162,6 +162,8 @@ impl Modules {
                 1 => &["virtio_net"],
                 2 => &["virtio_blk"],
                 3 => &["virtio_console"],
+                // Free page reporting (the qemu driver's cold VMs): memory goes back to the host.
+                5 => &["virtio_balloon"],
                 9 => &["9pnet_virtio", "9p"],
                 19 => &["vmw_vsock_virtio_transport"],
                 _ => &[],
