@@ -281,7 +281,7 @@ impl AgentClient {
 
     /// Copies a reader (for example the host's stdin) to a guest stream, then closes it.
     pub fn pump_input(&self, stream: u32, source: impl std::io::Read) -> Result<u64, Error> {
-        Ok(self.inner.mux.pump(stream, source)?)
+        Ok(self.inner.mux.pump(stream, source)?.bytes)
     }
 
     /// `Some(reason)` once the connection is gone (VM died, agent exited, protocol error).

@@ -57,12 +57,14 @@ pub mod frame;
 pub mod message;
 pub mod mux;
 pub mod preamble;
+pub mod timing;
 
 pub use capabilities::LINUX_CAPABILITIES;
 pub use frame::{Frame, FrameReader, FrameType, FrameWriter, decode_frame};
 pub use message::*;
 pub use mux::{Mux, OutputHandle};
 pub use preamble::{AGENT_MAGIC, MAX_NOISE};
+pub use timing::{Phases, StreamStats};
 
 /// Version of the wire protocol; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 2;

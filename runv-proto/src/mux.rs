@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::timing::StreamStats;
 use crate::{Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, Message, ProtoError, Result};
 
 type Writer = FrameWriter<Box<dyn Write + Send>>;
@@ -40,13 +41,20 @@ struct InStream {
 #[derive(Clone)]
 pub struct OutputHandle {
     done: Arc<(Mutex<bool>, Condvar)>,
+    stats: Arc<Mutex<StreamStats>>,
 }
 
 impl OutputHandle {
     fn new() -> Self {
         Self {
             done: Arc::new((Mutex::new(false), Condvar::new())),
+            stats: Arc::default(),
         }
+    }
+
+    /// What the sink spent its time on, once it is done (zero before).
+    pub fn stats(&self) -> StreamStats {
+        *lock(&self.stats)
     }
 
     fn finish(&self) {
@@ -218,12 +226,16 @@ impl Mux {
 
     /// Copies `source` to `stream` until its end, then sends EOF. It reads only as much as the
     /// receiver's credit allows, so a slow receiver leaves the rest in `source` (for example a
-    /// process's pipe). Returns the number of bytes sent.
-    pub fn pump(&self, stream: u32, mut source: impl Read) -> Result<u64> {
+    /// process's pipe). Returns what it sent and where the time went.
+    pub fn pump(&self, stream: u32, mut source: impl Read) -> Result<StreamStats> {
         let mut buf = vec![0u8; MAX_DATA];
-        let mut total = 0u64;
+        let mut st = StreamStats::default();
+        let start = Instant::now();
         loop {
+            let t = Instant::now();
             let n = self.take_credit(stream, MAX_DATA)?;
+            let t_credit = Instant::now();
+            st.credit += t_credit - t;
             let got = loop {
                 match source.read(&mut buf[..n]) {
                     Ok(k) => break k,
@@ -237,6 +249,8 @@ impl Mux {
                     }
                 }
             };
+            let t_read = Instant::now();
+            st.waiting += t_read - t_credit;
             self.give_back_credit(stream, n - got);
             if got == 0 {
                 break;
@@ -247,10 +261,14 @@ impl Mux {
                 self.close();
                 return Err(e);
             }
-            total += got as u64;
+            drop(w);
+            st.writing += t_read.elapsed();
+            st.bytes += got as u64;
+            st.frames += 1;
         }
         self.send_eof(stream)?;
-        Ok(total)
+        st.elapsed = start.elapsed();
+        Ok(st)
     }
 
     /// Routes incoming data of `stream` to `sink`, written by a thread of its own. Credit is
@@ -283,7 +301,8 @@ impl Mux {
         std::thread::Builder::new()
             .name(format!("sink-{stream}"))
             .spawn(move || {
-                mux.run_sink(stream, sink, rx);
+                let st = mux.run_sink(stream, sink, rx);
+                *lock(&h.stats) = st;
                 h.finish();
             })?;
         {
@@ -320,15 +339,29 @@ impl Mux {
         Ok(handle)
     }
 
-    fn run_sink(&self, stream: u32, mut sink: Box<dyn Write + Send>, rx: mpsc::Receiver<SinkMsg>) {
+    fn run_sink(
+        &self,
+        stream: u32,
+        mut sink: Box<dyn Write + Send>,
+        rx: mpsc::Receiver<SinkMsg>,
+    ) -> StreamStats {
         let mut broken = false;
-        while let Ok(msg) = rx.recv() {
+        let mut st = StreamStats::default();
+        let start = Instant::now();
+        loop {
+            let t = Instant::now();
+            let Ok(msg) = rx.recv() else { break };
+            let t_got = Instant::now();
+            st.waiting += t_got - t;
             match msg {
                 SinkMsg::Data(d) => {
                     if !broken && sink.write_all(&d).and_then(|_| sink.flush()).is_err() {
                         // The consumer went away: keep draining so the sender does not hang.
                         broken = true;
                     }
+                    st.writing += t_got.elapsed();
+                    st.bytes += d.len() as u64;
+                    st.frames += 1;
                     if let Some(s) = lock(&self.incoming).get_mut(&stream) {
                         s.outstanding = s.outstanding.saturating_sub(d.len() as u64);
                     }
@@ -338,6 +371,8 @@ impl Mux {
             }
         }
         drop(sink);
+        st.elapsed = start.elapsed();
+        st
     }
 
     /// Applies one incoming frame. Control messages are returned to the caller.
