@@ -19,8 +19,8 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use runv_proto::{
-    AgentError, Event, ExitStatus, FrameReader, Message, Mux, PROTOCOL_VERSION, ProcessInfo,
-    Request, ResponseBody, RootfsSource, Stdio,
+    AgentError, Event, ExitStatus, FrameReader, Message, Mux, PROTOCOL_VERSION, Phases,
+    ProcessInfo, Request, ResponseBody, RootfsSource, Stdio,
 };
 
 use crate::modules::Modules;
@@ -388,9 +388,10 @@ impl Agent {
                 wait_start: true,
                 seccomp: linux.seccomp.clone(),
                 cgroup: cgroup.as_ref().map(|c| c.to_string_lossy().into_owned()),
+                timing: false,
             };
             security = Some((linux.seccomp, cgroup));
-            self.spawn(cfg, stdio)
+            self.spawn(cfg, stdio, &mut Phases::start(false))
         })();
         let spawned = match r {
             Ok(s) => s,
@@ -426,7 +427,8 @@ impl Agent {
                 cgroup,
             },
         );
-        if let Err(e) = self.watch_exit(id.clone(), None, spawned.exit, spawned.pumps) {
+        let phases = Phases::start(false);
+        if let Err(e) = self.watch_exit(id.clone(), None, spawned.exit, spawned.pumps, phases) {
             // Nobody would report its exit: undo the container rather than leave it.
             let _ = self.remove(&id);
             return Err(e);
@@ -584,6 +586,7 @@ impl Agent {
         process: serde_json::Value,
         stdio: Stdio,
     ) -> Result<ResponseBody, AgentError> {
+        let mut phases = Phases::start(crate::log::enabled(crate::log::Level::Debug));
         let init_pid = self.init_pid(cid)?;
         if lock(&self.containers)
             .get(cid)
@@ -607,10 +610,13 @@ impl Agent {
             wait_start: false,
             seccomp,
             cgroup,
+            timing: phases.enabled(),
         };
-        let mut spawned = self.spawn(cfg, stdio)?;
+        phases.mark("parse");
+        let mut spawned = self.spawn(cfg, stdio, &mut phases)?;
         let pid = spawned.proc_.pid;
         let r = wait_exec(&mut spawned.reader);
+        phases.mark("exec");
         {
             let mut cs = lock(&self.containers);
             if let Some(c) = cs.get_mut(cid) {
@@ -622,6 +628,7 @@ impl Agent {
             Some(exec_id.clone()),
             spawned.exit,
             spawned.pumps,
+            phases,
         ) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             if let Some(c) = lock(&self.containers).get_mut(cid) {
@@ -697,12 +704,22 @@ impl Agent {
 
     /// Starts a helper for `cfg` with the given stdio and waits until the new process is
     /// ready (set up, executable found) or failed.
-    fn spawn(&self, cfg: HelperConfig, stdio: Stdio) -> Result<Spawned, AgentError> {
+    ///
+    /// `phases`: `stdio` (pipes made), `helper` (forked and exec'd), `pid` (the helper joined
+    /// the namespaces and cloned), `ready` (the process set up its root and found its
+    /// executable), `relay` (output pumps started).
+    fn spawn(
+        &self,
+        cfg: HelperConfig,
+        stdio: Stdio,
+        phases: &mut Phases,
+    ) -> Result<Spawned, AgentError> {
         let io = ProcIo::new(
             &stdio,
             cfg.process.console_size.map(|c| (c.height, c.width)),
         )
         .map_err(|e| err(format!("set up stdio: {e}")))?;
+        phases.mark("stdio");
         let (sock, child_sock) = UnixStream::pair().map_err(|e| err(format!("socketpair: {e}")))?;
         let child_fd = child_sock.as_raw_fd();
         let mut cmd = Command::new("/proc/self/exe");
@@ -730,6 +747,7 @@ impl Agent {
         drop(child_sock);
         drop(child);
         self.reaper.forget(helper_pid);
+        phases.mark("helper");
 
         let mut w = sock.try_clone().map_err(|e| err(e.to_string()))?;
         let mut reader = BufReader::new(sock.try_clone().map_err(|e| err(e.to_string()))?);
@@ -742,12 +760,14 @@ impl Agent {
             Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
             other => return Err(err(format!("helper said {other:?}, expected a pid"))),
         };
+        phases.mark("pid");
         let exit = self.reaper.watch(pid);
         match read_report(&mut reader)? {
             Some(Report::Ready) => {}
             Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
             other => return Err(err(format!("process said {other:?} before it was ready"))),
         }
+        phases.mark("ready");
         // Each pump holds a sender; the receiver disconnects once every pump has ended.
         let (pumps_tx, pumps) = std::sync::mpsc::channel::<()>();
         let threads = (|| {
@@ -755,10 +775,13 @@ impl Agent {
                 let mux = Arc::clone(&self.mux);
                 let done = pumps_tx.clone();
                 spawn_thread("pump", move || {
-                    if let Err(e) = mux.pump(stream, src) {
-                        crate::debug!("stream {stream}: {e}");
-                    }
+                    let r = mux.pump(stream, src);
                     drop(done);
+                    // Logged after the exit may go out: the console is slow under TCG.
+                    match r {
+                        Ok(stats) => crate::debug!("stream {stream} sent: {stats}"),
+                        Err(e) => crate::debug!("stream {stream}: {e}"),
+                    }
                 })?;
             }
             if let Some((stream, sink)) = io.input {
@@ -774,6 +797,7 @@ impl Agent {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             return Err(e);
         }
+        phases.mark("relay");
         Ok(Spawned {
             proc_: Proc {
                 pid,
@@ -793,10 +817,13 @@ impl Agent {
         exec_id: Option<String>,
         exit: std::sync::mpsc::Receiver<ExitStatus>,
         pumps: std::sync::mpsc::Receiver<()>,
+        mut phases: Phases,
     ) -> Result<(), AgentError> {
         let me = Arc::clone(self);
         spawn_thread("exit", move || {
+            phases.mark("registered");
             let Ok(status) = exit.recv() else { return };
+            phases.mark("run");
             {
                 let cs = lock(&me.containers);
                 if let Some(c) = cs.get(&cid) {
@@ -824,7 +851,7 @@ impl Agent {
                     break;
                 }
             }
-            crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
+            phases.mark("output");
             let _ = me.mux.send_message(&Message::Event {
                 event: Event::ProcessExited {
                     container_id: cid.clone(),
@@ -832,6 +859,12 @@ impl Agent {
                     status,
                 },
             });
+            phases.mark("event");
+            // After the event: the console is slow under TCG.
+            crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
+            if phases.enabled() {
+                crate::debug!("exec {cid}/{exec_id:?} phases: {phases}");
+            }
             if exec_id.is_none() && me.power_off_when_idle.load(Ordering::SeqCst) {
                 let idle = lock(&me.containers)
                     .values()
