@@ -3,6 +3,7 @@
 
 #[macro_use]
 mod log;
+mod forker;
 mod guest_cgroup;
 mod helper;
 mod init;
@@ -21,6 +22,10 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("__helper") {
         log::init(log::Level::Warn);
         helper::main();
+    }
+    if std::env::args().nth(1).as_deref() == Some("__forker") {
+        log::init(log::Level::Warn);
+        forker::main();
     }
     init::main();
 }

@@ -3,9 +3,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio as PStdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +22,7 @@ use runv_proto::{
     ProcessInfo, Request, ResponseBody, RootfsSource, Stdio,
 };
 
+use crate::forker::{Fd3, ForkError, Forker};
 use crate::modules::Modules;
 use crate::reaper::Reaper;
 use crate::spec::{
@@ -51,6 +51,8 @@ pub struct Container {
 
 pub struct Agent {
     pub mux: Arc<Mux>,
+    /// Forks the helpers that make container processes.
+    forker: Forker,
     pub modules: Arc<Modules>,
     pub reaper: Reaper,
     containers: Mutex<HashMap<String, Container>>,
@@ -81,6 +83,7 @@ impl Agent {
     ) -> Arc<Self> {
         Arc::new(Self {
             mux,
+            forker: Forker::default(),
             modules,
             reaper,
             containers: Mutex::new(HashMap::new()),
@@ -721,31 +724,7 @@ impl Agent {
         .map_err(|e| err(format!("set up stdio: {e}")))?;
         phases.mark("stdio");
         let (sock, child_sock) = UnixStream::pair().map_err(|e| err(format!("socketpair: {e}")))?;
-        let child_fd = child_sock.as_raw_fd();
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg("__helper")
-            .env_clear()
-            .stdin(io.child_stdin)
-            .stdout(io.child_stdout)
-            .stderr(io.child_stderr);
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if child_fd == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(child_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| err(format!("spawn helper: {e}")))?;
-        let helper_pid = child.id() as i32;
-        drop(cmd);
-        drop(child_sock);
-        drop(child);
+        let helper_pid = self.start_helper(child_sock, io.child)?;
         self.reaper.forget(helper_pid);
         phases.mark("helper");
 
@@ -809,6 +788,34 @@ impl Agent {
             exit,
             pumps,
         })
+    }
+
+    /// A helper with `sock` as its fd 3 and the child's ends of `io` as its stdio: forked by the
+    /// forker, or exec'd where there is none.
+    /// Our copies of `sock` and `child` are closed on return.
+    fn start_helper(&self, sock: UnixStream, child: ChildStdio) -> Result<i32, AgentError> {
+        let fds = [
+            sock.as_fd(),
+            child.stdin.as_fd(),
+            child.stdout.as_fd(),
+            child.stderr.as_fd(),
+        ];
+        let why = match self.forker.spawn_helper(&self.reaper, fds) {
+            Ok(pid) => return Ok(pid),
+            Err(ForkError::Failed(e)) => return Err(err(format!("spawn helper: {e}"))),
+            Err(ForkError::Unavailable(why)) => why,
+        };
+        crate::debug!("{why}; exec'ing a helper");
+        let helper = Command::new("/proc/self/exe")
+            .arg("__helper")
+            .env_clear()
+            .stdin(PStdio::from(child.stdin))
+            .stdout(PStdio::from(child.stdout))
+            .stderr(PStdio::from(child.stderr))
+            .fd3(sock.as_raw_fd())
+            .spawn()
+            .map_err(|e| err(format!("spawn helper: {e}")))?;
+        Ok(helper.id() as i32)
     }
 
     fn watch_exit(
@@ -954,11 +961,16 @@ fn wait_exec(r: &mut BufReader<UnixStream>) -> Result<(), AgentError> {
     }
 }
 
+/// The ends of a process's standard streams that the process gets.
+struct ChildStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
 /// A process's standard streams: the child's ends and ours.
 struct ProcIo {
-    child_stdin: PStdio,
-    child_stdout: PStdio,
-    child_stderr: PStdio,
+    child: ChildStdio,
     outputs: Vec<(u32, File)>,
     input: Option<(u32, File)>,
     master: Option<Arc<File>>,
@@ -978,9 +990,11 @@ impl ProcIo {
             };
             let out = master.try_clone()?;
             return Ok(Self {
-                child_stdin: PStdio::from(slave.try_clone()?),
-                child_stdout: PStdio::from(slave.try_clone()?),
-                child_stderr: PStdio::from(slave),
+                child: ChildStdio {
+                    stdin: OwnedFd::from(slave.try_clone()?),
+                    stdout: OwnedFd::from(slave.try_clone()?),
+                    stderr: OwnedFd::from(slave),
+                },
                 outputs: vec![(stdio.stdout, out)],
                 input,
                 master: Some(Arc::new(master)),
@@ -990,25 +1004,27 @@ impl ProcIo {
         let (child_stdin, input) = match stdio.stdin {
             Some(s) => {
                 let (r, w) = pipe()?;
-                (PStdio::from(r), Some((s, w)))
+                (OwnedFd::from(r), Some((s, w)))
             }
-            None => (PStdio::from(null()?), None),
+            None => (OwnedFd::from(null()?), None),
         };
         let (r, w) = pipe()?;
         outputs.push((stdio.stdout, r));
-        let child_stdout = PStdio::from(w);
+        let child_stdout = OwnedFd::from(w);
         let child_stderr = match stdio.stderr {
             Some(s) => {
                 let (r, w) = pipe()?;
                 outputs.push((s, r));
-                PStdio::from(w)
+                OwnedFd::from(w)
             }
-            None => PStdio::from(null()?),
+            None => OwnedFd::from(null()?),
         };
         Ok(Self {
-            child_stdin,
-            child_stdout,
-            child_stderr,
+            child: ChildStdio {
+                stdin: child_stdin,
+                stdout: child_stdout,
+                stderr: child_stderr,
+            },
             outputs,
             input,
             master: None,
