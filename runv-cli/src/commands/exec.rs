@@ -22,7 +22,7 @@ use crate::state::Status;
 const ENV_READY_FD: &str = "RUNV_EXEC_READY_FD";
 
 pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
-    let mut phases = runv_proto::Phases::start(tracing::enabled!(tracing::Level::DEBUG));
+    let mut phases = runv_proto::Phases::start(crate::logging::debug_enabled());
     let id = &args.container_id;
     let state = ctx.store.load(id)?;
     match state.effective_status() {

@@ -245,7 +245,7 @@ pub(super) fn exec(
     mut fds: Vec<OwnedFd>,
 ) {
     let mut code = None;
-    let mut phases = runv_proto::Phases::start(tracing::enabled!(tracing::Level::DEBUG));
+    let mut phases = runv_proto::Phases::start(crate::logging::debug_enabled());
     let result = (|| -> anyhow::Result<(String, std::sync::mpsc::Receiver<runv_proto::ExitStatus>, stdio::Relay)> {
         // A pod member's own monitor checked its status.
         if container_id == monitor.id {
