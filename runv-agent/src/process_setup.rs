@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use caps::{CapSet, Capability};
 use nix::libc;
 use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::sys::stat::{Mode as FileMode, umask};
 use nix::unistd::{Gid, Uid, chdir, execvpe, setgid, setgroups, setsid, setuid};
 
@@ -79,6 +80,12 @@ pub fn finish_and_exec(
     phases: &mut runv_proto::Phases,
 ) -> Result<std::convert::Infallible, Fail> {
     setsid().map_err(|e| fail(format!("setsid: {e}")))?;
+    // Rust programs (the agent, its helpers) ignore SIGPIPE, and an ignored signal stays
+    // ignored across exec: the process gets the default, as under runc. Before seccomp,
+    // which might not allow rt_sigaction.
+    // SAFETY: restoring the default disposition installs no handler code.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }
+        .map_err(|e| fail(format!("reset SIGPIPE: {e}")))?;
     if p.terminal {
         // SAFETY: TIOCSCTTY on fd 0 (the pty slave the agent gave us) takes no pointer.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {

@@ -285,6 +285,22 @@ fn exec_env_cwd_user_exit_codes_and_missing_binaries() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "bar /tmp 65534:65534\n");
 
+    // Nothing ignored or blocked, as a process under runc: the agent and its helpers are
+    // Rust programs, which ignore SIGPIPE, and an ignored signal stays ignored across exec.
+    for pid in ["self", "1"] {
+        let out = env.run_ok(
+            env.runv()
+                .args(["exec", "e1", "grep", "-E", "^Sig(Ign|Blk)"])
+                .arg(format!("/proc/{pid}/status")),
+            60,
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+            "/proc/{pid}"
+        );
+    }
+
     let out = env.run(env.runv().args(["exec", "e1", "/bin/nope"]), 60);
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
     assert!(
