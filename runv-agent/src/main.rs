@@ -9,6 +9,7 @@ mod helper;
 mod init;
 mod modules;
 mod net;
+mod pipe_pump;
 mod power;
 mod process_setup;
 mod reaper;

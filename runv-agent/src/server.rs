@@ -51,6 +51,8 @@ pub struct Container {
 
 pub struct Agent {
     pub mux: Arc<Mux>,
+    /// The channel the mux writes to, for output spliced into it (`pipe_pump`).
+    channel: Arc<File>,
     /// Forks the helpers that make container processes.
     forker: Forker,
     pub modules: Arc<Modules>,
@@ -76,6 +78,7 @@ fn err(msg: impl Into<String>) -> AgentError {
 impl Agent {
     pub fn new(
         mux: Arc<Mux>,
+        channel: File,
         modules: Arc<Modules>,
         reaper: Reaper,
         reboot_to_exit: bool,
@@ -83,6 +86,7 @@ impl Agent {
     ) -> Arc<Self> {
         Arc::new(Self {
             mux,
+            channel: Arc::new(channel),
             forker: Forker::default(),
             modules,
             reaper,
@@ -749,12 +753,19 @@ impl Agent {
         phases.mark("ready");
         // Each pump holds a sender; the receiver disconnects once every pump has ended.
         let (pumps_tx, pumps) = std::sync::mpsc::channel::<()>();
+        let pipes = io.master.is_none();
         let threads = (|| {
             for (stream, src) in io.outputs {
                 let mux = Arc::clone(&self.mux);
+                let channel = Arc::clone(&self.channel);
                 let done = pumps_tx.clone();
                 spawn_thread("pump", move || {
-                    let r = mux.pump(stream, src);
+                    // A pty master cannot be spliced from.
+                    let r = if pipes {
+                        crate::pipe_pump::pump(&mux, stream, src, &channel)
+                    } else {
+                        mux.pump(stream, src)
+                    };
                     drop(done);
                     // Logged after the exit may go out: the console is slow under TCG.
                     match r {
@@ -1009,11 +1020,13 @@ impl ProcIo {
             None => (OwnedFd::from(null()?), None),
         };
         let (r, w) = pipe()?;
+        crate::pipe_pump::enlarge(&r);
         outputs.push((stdio.stdout, r));
         let child_stdout = OwnedFd::from(w);
         let child_stderr = match stdio.stderr {
             Some(s) => {
                 let (r, w) = pipe()?;
+                crate::pipe_pump::enlarge(&r);
                 outputs.push((s, r));
                 OwnedFd::from(w)
             }

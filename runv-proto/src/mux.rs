@@ -171,7 +171,8 @@ impl Mux {
     }
 
     /// Waits for credit on `stream`; returns how many bytes (at most `want`) may be sent now.
-    fn take_credit(&self, stream: u32, want: usize) -> Result<usize> {
+    /// What is not sent must be given back ([`Mux::give_back_credit`]).
+    pub fn take_credit(&self, stream: u32, want: usize) -> Result<usize> {
         let mut credits = lock(&self.credits);
         loop {
             if self.is_closed() {
@@ -190,7 +191,8 @@ impl Mux {
         }
     }
 
-    fn give_back_credit(&self, stream: u32, n: usize) {
+    /// Returns credit taken with [`Mux::take_credit`] and not spent.
+    pub fn give_back_credit(&self, stream: u32, n: usize) {
         if n > 0 {
             *lock(&self.credits).entry(stream).or_insert(0) += n as u64;
             self.credit_cv.notify_all();
@@ -215,6 +217,31 @@ impl Mux {
             bytes = &bytes[n..];
         }
         Ok(())
+    }
+
+    /// Sends a data frame of `len` bytes (credit already taken) whose payload `payload`
+    /// writes to the connection itself, with the connection locked between the header and
+    /// its return: for a caller that moves the bytes without copying them through here (the
+    /// agent splices a process's pipe into its channel). `payload` must write exactly `len`
+    /// bytes or fail; a failure closes the connection, whose stream of frames is broken.
+    pub fn send_data_with(
+        &self,
+        stream: u32,
+        len: usize,
+        payload: impl FnOnce() -> io::Result<()>,
+    ) -> Result<()> {
+        if self.is_closed() {
+            return Err(Self::closed_err());
+        }
+        let mut w = lock(&self.writer);
+        let r = w
+            .write_data_header(stream, len)
+            .and_then(|()| payload().map_err(ProtoError::from));
+        drop(w);
+        if r.is_err() {
+            self.close();
+        }
+        r
     }
 
     /// Signals the end of `stream`.
