@@ -28,13 +28,20 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use runv_proto::{Mux, ProtoError, StreamStats};
 
-/// Most bytes per frame: two fit in the host's window (`runv_proto::INITIAL_WINDOW`, 256
-/// KiB), so one is in flight while the host writes the other out.
-pub const CHUNK: usize = 128 * 1024;
+/// Most bytes per frame. Each frame has a fixed cost under TCG (a header, two virtqueue
+/// buffers, a credit frame back and the wake-ups of both), so frames are as large as the
+/// host's window allows with at least two in flight: 512 KiB with the host's 2 MiB
+/// (`runv_proto::HOST_WINDOW`), 128 KiB with the protocol's default 256 KiB.
+const MAX_CHUNK: usize = 512 * 1024;
 
-/// Capacity of a process's stdout and stderr pipes: a writer fills a whole frame or two
-/// before the agent has to wake up (the default is 64 KiB).
-const PIPE_SIZE: usize = 2 * CHUNK;
+/// Capacity of a process's stdout and stderr pipes: a writer fills two of the largest
+/// frames before the agent has to wake up (the default is 64 KiB).
+const PIPE_SIZE: usize = 2 * MAX_CHUNK;
+
+/// The frame size for the host's window: half of it, at most [`MAX_CHUNK`].
+fn chunk(window: u64) -> usize {
+    ((window / 2) as usize).clamp(4096, MAX_CHUNK)
+}
 
 /// Set once a splice into the channel failed with EINVAL: copy from then on.
 static NO_SPLICE: AtomicBool = AtomicBool::new(false);
@@ -54,12 +61,13 @@ pub fn enlarge(pipe: &File) {
 pub fn pump(mux: &Mux, stream: u32, pipe: File, channel: &File) -> Result<StreamStats, ProtoError> {
     let (frame_r, frame_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io::Error::from)?;
     let (frame_r, frame_w) = (File::from(frame_r), File::from(frame_w));
-    resize(&frame_w, CHUNK);
+    let chunk = chunk(mux.send_window());
+    resize(&frame_w, chunk);
     let mut st = StreamStats::default();
     let start = Instant::now();
     loop {
         let t = Instant::now();
-        let credit = mux.take_credit(stream, CHUNK)?;
+        let credit = mux.take_credit(stream, chunk)?;
         let t_credit = Instant::now();
         st.credit += t_credit - t;
         // Waits for the process's output; 0 is its end.
@@ -119,7 +127,7 @@ fn move_all(pipe: &File, channel: &File, mut n: usize) -> io::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let mut buf = vec![0u8; n.min(CHUNK)];
+    let mut buf = vec![0u8; n.min(64 * 1024)];
     while n > 0 {
         let want = n.min(buf.len());
         let k = (&*pipe).read(&mut buf[..want])?;
@@ -130,4 +138,17 @@ fn move_all(pipe: &File, channel: &File, mut n: usize) -> io::Result<()> {
         n -= k;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_half_the_window_within_bounds() {
+        assert_eq!(chunk(runv_proto::HOST_WINDOW), MAX_CHUNK);
+        assert_eq!(chunk(runv_proto::INITIAL_WINDOW), 128 * 1024);
+        assert_eq!(chunk(runv_proto::MIN_WINDOW), 4096);
+        assert_eq!(chunk(runv_proto::MAX_WINDOW), MAX_CHUNK);
+    }
 }

@@ -132,7 +132,10 @@ impl Agent {
                 Ok(Some(Message::Hello {
                     version,
                     agent_version,
+                    window,
                 })) => {
+                    // How far ahead we may send the host a process's output.
+                    self.mux.set_send_window(window);
                     if version != PROTOCOL_VERSION {
                         crate::error!(
                             "host ({agent_version}) speaks protocol {version}, we speak {PROTOCOL_VERSION}"

@@ -6,13 +6,16 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::timing::StreamStats;
-use crate::{Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, Message, ProtoError, Result};
+use crate::{
+    Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, MAX_WINDOW, MIN_WINDOW, Message,
+    ProtoError, Result,
+};
 
 type Writer = FrameWriter<Box<dyn Write + Send>>;
 
@@ -99,17 +102,48 @@ pub struct Mux {
     credit_cv: Condvar,
     incoming: Mutex<HashMap<u32, InStream>>,
     closed: AtomicBool,
+    /// Credit each incoming stream starts with: what we announce in our Hello.
+    receive_window: u64,
+    /// Credit each outgoing stream starts with: what the peer announced.
+    send_window: AtomicU64,
 }
 
 impl Mux {
+    /// A mux whose incoming streams get the protocol's [`INITIAL_WINDOW`].
     pub fn new(writer: Box<dyn Write + Send>) -> Arc<Self> {
+        Self::with_receive_window(writer, INITIAL_WINDOW)
+    }
+
+    /// A mux whose incoming streams get `window` bytes of credit; announce it to the peer in
+    /// the Hello ([`Mux::receive_window`]).
+    pub fn with_receive_window(writer: Box<dyn Write + Send>, window: u64) -> Arc<Self> {
         Arc::new(Self {
             writer: Mutex::new(FrameWriter::new(writer)),
             credits: Mutex::new(HashMap::new()),
             credit_cv: Condvar::new(),
             incoming: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            receive_window: window,
+            send_window: AtomicU64::new(INITIAL_WINDOW),
         })
+    }
+
+    /// The credit our incoming streams start with.
+    pub fn receive_window(&self) -> u64 {
+        self.receive_window
+    }
+
+    /// Takes the window the peer announced in its Hello (None: it announced none, the
+    /// protocol's default), bounded to [`MIN_WINDOW`]..=[`MAX_WINDOW`]; it applies to
+    /// outgoing streams that have not started yet.
+    pub fn set_send_window(&self, announced: Option<u64>) {
+        let w = announced.map_or(INITIAL_WINDOW, |w| w.clamp(MIN_WINDOW, MAX_WINDOW));
+        self.send_window.store(w, Ordering::SeqCst);
+    }
+
+    /// The credit a new outgoing stream starts with.
+    pub fn send_window(&self) -> u64 {
+        self.send_window.load(Ordering::SeqCst)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -147,6 +181,7 @@ impl Mux {
         let hello = Frame::control(&Message::Hello {
             version: crate::PROTOCOL_VERSION,
             agent_version,
+            window: Some(self.receive_window),
         })?;
         let r = lock(&self.writer).write_frame_after(crate::AGENT_MAGIC, &hello);
         if r.is_err() {
@@ -178,7 +213,7 @@ impl Mux {
             if self.is_closed() {
                 return Err(Self::closed_err());
             }
-            let c = credits.entry(stream).or_insert(INITIAL_WINDOW);
+            let c = credits.entry(stream).or_insert(self.send_window());
             if *c > 0 {
                 let n = (*c).min(want as u64) as usize;
                 *c -= n as u64;
@@ -201,7 +236,10 @@ impl Mux {
 
     /// Current unspent credit of an outgoing stream (for tests and diagnostics).
     pub fn credit(&self, stream: u32) -> u64 {
-        *lock(&self.credits).get(&stream).unwrap_or(&INITIAL_WINDOW)
+        lock(&self.credits)
+            .get(&stream)
+            .copied()
+            .unwrap_or(self.send_window())
     }
 
     /// Sends `bytes` on `stream`, blocking while the receiver has granted no credit.
@@ -421,7 +459,7 @@ impl Mux {
                     outstanding: 0,
                 });
                 s.outstanding += frame.payload.len() as u64;
-                if s.outstanding > INITIAL_WINDOW {
+                if s.outstanding > self.receive_window {
                     return Err(ProtoError::Unexpected {
                         expected: "data within the granted credit",
                         got: format!(
