@@ -242,6 +242,10 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
 /// runs as root all the same, because its devices need it: the 9p shares (security_model=none)
 /// write files as any guest uid into root-owned rootfs and volumes, and `ifname=` taps need
 /// CAP_NET_ADMIN to attach. `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
+/// The guest CPU under TCG: everything TCG emulates but the fast-string flags (see
+/// `build_args`).
+pub const TCG_CPU: &str = "max,-erms,-fsrm";
+
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The same for a template VM or a clone, which save or load their device state through an
 /// `exec:cat` migration URI: spawning is allowed for those until the migration goes through
@@ -279,7 +283,11 @@ pub fn build_args(
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // A 32 MiB translation cache instead of the default ~1 GiB reservation (of which ~53 MiB
         // gets resident): the biggest per-VM host memory cost under TCG (see BENCHMARKS.md).
-        Accel::Tcg => push(&["-accel", "tcg,tb-size=32", "-cpu", "max"]),
+        // Without ERMS and FSRM the guest kernel and libc copy and clear memory with `rep movsq`
+        // / `rep stosq` or vector loops instead of `rep movsb` / `rep stosb`, which TCG runs one
+        // byte per iteration: every copy in the guest (pipes, stdio, page clearing) was several
+        // times slower (BENCHMARKS.md, exec).
+        Accel::Tcg => push(&["-accel", "tcg,tb-size=32", "-cpu", TCG_CPU]),
     }
     let memory = if config.memory_mib == 0 {
         DEFAULT_MEMORY_MIB
@@ -476,6 +484,7 @@ mod tests {
         assert_eq!(values(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(values(&a, "-M"), ["microvm,acpi=on"]);
         assert_eq!(values(&a, "-accel"), ["tcg,tb-size=32"]);
+        assert_eq!(values(&a, "-cpu"), ["max,-erms,-fsrm"]);
         assert_eq!(values(&a, "-m"), ["128M"]);
         assert_eq!(values(&a, "-smp"), ["2"]);
         assert_eq!(values(&a, "-kernel"), ["/k/vmlinux"]);

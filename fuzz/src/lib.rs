@@ -190,6 +190,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         Message::Hello {
             version: runv_proto::PROTOCOL_VERSION,
             agent_version: "runv-agent 0.1.0".into(),
+            window: Some(runv_proto::INITIAL_WINDOW),
         },
         Message::Request {
             id: 7,

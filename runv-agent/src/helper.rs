@@ -63,6 +63,7 @@ fn report_fail(sock: &mut UnixStream, f: Fail) -> ! {
 
 /// Entry point of `runv-agent __helper`.
 pub fn main() -> ! {
+    let mut phases = runv_proto::Phases::start(true);
     // SAFETY: the agent started us with fd 3 set to our end of a unix socketpair; nothing
     // else in this fresh process owns fd 3.
     let mut sock = unsafe { UnixStream::from_raw_fd(3) };
@@ -74,6 +75,10 @@ pub fn main() -> ! {
         },
         Err(_) => std::process::exit(1),
     };
+    if cfg.timing {
+        crate::log::set_level(crate::log::Level::Debug);
+    }
+    phases.mark("config");
     let _ = fcntl(sock.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     // We inherited the agent's -1000 (never OOM-killed); a container process gets what a
     // process under runc gets: 0, or the spec's value (set later).
@@ -96,6 +101,7 @@ pub fn main() -> ! {
             report_fail(&mut sock, fail(e));
         }
     }
+    phases.mark("cgroup");
     let mut flags = CloneFlags::CLONE_PARENT;
     let mut root_fd = None;
     let mut later_unshare = CloneFlags::empty();
@@ -141,6 +147,7 @@ pub fn main() -> ! {
             Err(f) => report_fail(&mut sock, f),
         },
     }
+    phases.mark("namespaces");
 
     // SAFETY: raw clone without a new stack behaves like fork. This process is
     // single-threaded (a fresh exec that started no threads), so the child may allocate.
@@ -170,20 +177,27 @@ pub fn main() -> ! {
         }
         report(&mut sock, &Report::Pid(pid as i32));
         let _ = nix::unistd::write(&sync_w, b"1");
+        phases.mark("clone");
+        if cfg.timing {
+            crate::debug!("helper phases: {phases}");
+        }
         std::process::exit(0);
     }
     // The child: set up and exec, or report why not; first wait for the pid report.
+    let mut phases = runv_proto::Phases::start(cfg.timing);
     drop(sync_w);
     let mut b = [0u8; 1];
     if File::from(sync_r).read(&mut b).unwrap_or(0) != 1 {
         // The helper died before it reported us: nobody waits for this process.
         std::process::exit(1);
     }
+    phases.mark("sync");
     if let Some(mut procs) = cgroup_procs {
         if let Err(e) = procs.write_all(b"0") {
             report_fail(&mut sock, fail(format!("join the container's cgroup: {e}")));
         }
     }
+    phases.mark("cgroup");
     let f = child(
         &cfg,
         root_fd,
@@ -191,6 +205,7 @@ pub fn main() -> ! {
             .contains(CloneFlags::CLONE_NEWUSER)
             .then_some(later_unshare),
         &mut sock,
+        &mut phases,
     );
     report_fail(&mut sock, f)
 }
@@ -291,6 +306,7 @@ fn child(
     root_fd: Option<OwnedFd>,
     userns_unshare: Option<CloneFlags>,
     sock: &mut UnixStream,
+    phases: &mut runv_proto::Phases,
 ) -> Fail {
     let r = (|| -> Result<(), Fail> {
         match &cfg.mode {
@@ -331,6 +347,7 @@ fn child(
     if let Err(f) = r {
         return f;
     }
+    phases.mark("root");
     let p = &cfg.process;
     let path = lookup_path(p);
     let exe = match lookup(&p.args, &path) {
@@ -338,6 +355,7 @@ fn child(
         Err(f) => return f,
     };
     report(sock, &Report::Ready);
+    phases.mark("ready");
     if cfg.wait_start {
         let mut line = String::new();
         let _ = BufReader::new(&*sock).read_line(&mut line);
@@ -346,7 +364,7 @@ fn child(
             std::process::exit(1);
         }
     }
-    match finish_and_exec(p, &exe, cfg.seccomp.as_ref()) {
+    match finish_and_exec(p, &exe, cfg.seccomp.as_ref(), phases) {
         Ok(never) => match never {},
         Err(f) => f,
     }

@@ -147,8 +147,15 @@ pub fn main() -> ! {
             power_off(c.reboot);
         }
     };
+    let splice_to = match channel.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            crate::error!("dup channel: {e}");
+            power_off(c.reboot);
+        }
+    };
     let mux = Mux::new(Box::new(writer));
-    let agent = Agent::new(mux, modules, reaper, c.reboot, c.template);
+    let agent = Agent::new(mux, splice_to, modules, reaper, c.reboot, c.template);
     match agent.serve(channel) {
         Ok(()) => info!("host went away"),
         Err(e) => error!("{e}"),

@@ -22,6 +22,11 @@ pub fn init(level: Level) {
     }
 }
 
+/// Changes the level after `init` (a helper told to log its timings).
+pub fn set_level(level: Level) {
+    LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
 pub fn parse_level(s: &str) -> Option<Level> {
     Some(match s {
         "error" => Level::Error,

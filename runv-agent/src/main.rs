@@ -3,11 +3,13 @@
 
 #[macro_use]
 mod log;
+mod forker;
 mod guest_cgroup;
 mod helper;
 mod init;
 mod modules;
 mod net;
+mod pipe_pump;
 mod power;
 mod page_reporting;
 mod process_setup;
@@ -22,6 +24,10 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("__helper") {
         log::init(log::Level::Warn);
         helper::main();
+    }
+    if std::env::args().nth(1).as_deref() == Some("__forker") {
+        log::init(log::Level::Warn);
+        forker::main();
     }
     init::main();
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use caps::{CapSet, Capability};
 use nix::libc;
 use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::sys::stat::{Mode as FileMode, umask};
 use nix::unistd::{Gid, Uid, chdir, execvpe, setgid, setgroups, setsid, setuid};
 
@@ -76,8 +77,15 @@ pub fn finish_and_exec(
     p: &Process,
     exe: &Path,
     seccomp: Option<&Seccomp>,
+    phases: &mut runv_proto::Phases,
 ) -> Result<std::convert::Infallible, Fail> {
     setsid().map_err(|e| fail(format!("setsid: {e}")))?;
+    // Rust programs (the agent, its helpers) ignore SIGPIPE, and an ignored signal stays
+    // ignored across exec: the process gets the default, as under runc. Before seccomp,
+    // which might not allow rt_sigaction.
+    // SAFETY: restoring the default disposition installs no handler code.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }
+        .map_err(|e| fail(format!("reset SIGPIPE: {e}")))?;
     if p.terminal {
         // SAFETY: TIOCSCTTY on fd 0 (the pty slave the agent gave us) takes no pointer.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
@@ -97,14 +105,17 @@ pub fn finish_and_exec(
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| fail(format!("set oom_score_adj {adj}: {e}")))?;
     }
+    phases.mark("session");
     // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it while we have it.
     if let Some(s) = seccomp.filter(|_| !p.no_new_privileges) {
         crate::seccomp::apply(s).map_err(fail)?;
+        phases.mark("seccomp");
     }
     let caps = p.capabilities.clone().unwrap_or_default();
     drop_bounding(&caps.bounding)?;
     set_user(p)?;
     set_capabilities(&caps)?;
+    phases.mark("caps");
     umask(FileMode::from_bits_truncate(
         p.user.umask.unwrap_or(0o022) as libc::mode_t
     ));
@@ -120,6 +131,11 @@ pub fn finish_and_exec(
     }
     if let Some(s) = seccomp.filter(|_| p.no_new_privileges) {
         crate::seccomp::apply(s).map_err(fail)?;
+        phases.mark("seccomp");
+    }
+    if phases.enabled() {
+        // Before the exec, so it costs the process a console write (debug only).
+        crate::debug!("process phases: {phases}");
     }
     let cstr = |s: &str| CString::new(s).map_err(|_| fail(format!("NUL byte in {s:?}")));
     let exe_c = cstr(&exe.to_string_lossy())?;

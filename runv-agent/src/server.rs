@@ -3,9 +3,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio as PStdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +18,11 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use runv_proto::{
-    AgentError, Event, ExitStatus, FrameReader, Message, Mux, PROTOCOL_VERSION, ProcessInfo,
-    Request, ResponseBody, RootfsSource, Stdio,
+    AgentError, Event, ExitStatus, FrameReader, Message, Mux, PROTOCOL_VERSION, Phases,
+    ProcessInfo, Request, ResponseBody, RootfsSource, Stdio,
 };
 
+use crate::forker::{Fd3, ForkError, Forker};
 use crate::modules::Modules;
 use crate::reaper::Reaper;
 use crate::spec::{
@@ -51,6 +51,10 @@ pub struct Container {
 
 pub struct Agent {
     pub mux: Arc<Mux>,
+    /// The channel the mux writes to, for output spliced into it (`pipe_pump`).
+    channel: Arc<File>,
+    /// Forks the helpers that make container processes.
+    forker: Forker,
     pub modules: Arc<Modules>,
     pub reaper: Reaper,
     containers: Mutex<HashMap<String, Container>>,
@@ -74,6 +78,7 @@ fn err(msg: impl Into<String>) -> AgentError {
 impl Agent {
     pub fn new(
         mux: Arc<Mux>,
+        channel: File,
         modules: Arc<Modules>,
         reaper: Reaper,
         reboot_to_exit: bool,
@@ -81,6 +86,8 @@ impl Agent {
     ) -> Arc<Self> {
         Arc::new(Self {
             mux,
+            channel: Arc::new(channel),
+            forker: Forker::default(),
             modules,
             reaper,
             containers: Mutex::new(HashMap::new()),
@@ -125,7 +132,10 @@ impl Agent {
                 Ok(Some(Message::Hello {
                     version,
                     agent_version,
+                    window,
                 })) => {
+                    // How far ahead we may send the host a process's output.
+                    self.mux.set_send_window(window);
                     if version != PROTOCOL_VERSION {
                         crate::error!(
                             "host ({agent_version}) speaks protocol {version}, we speak {PROTOCOL_VERSION}"
@@ -388,9 +398,10 @@ impl Agent {
                 wait_start: true,
                 seccomp: linux.seccomp.clone(),
                 cgroup: cgroup.as_ref().map(|c| c.to_string_lossy().into_owned()),
+                timing: false,
             };
             security = Some((linux.seccomp, cgroup));
-            self.spawn(cfg, stdio)
+            self.spawn(cfg, stdio, &mut Phases::start(false))
         })();
         let spawned = match r {
             Ok(s) => s,
@@ -426,7 +437,8 @@ impl Agent {
                 cgroup,
             },
         );
-        if let Err(e) = self.watch_exit(id.clone(), None, spawned.exit, spawned.pumps) {
+        let phases = Phases::start(false);
+        if let Err(e) = self.watch_exit(id.clone(), None, spawned.exit, spawned.pumps, phases) {
             // Nobody would report its exit: undo the container rather than leave it.
             let _ = self.remove(&id);
             return Err(e);
@@ -584,6 +596,7 @@ impl Agent {
         process: serde_json::Value,
         stdio: Stdio,
     ) -> Result<ResponseBody, AgentError> {
+        let mut phases = Phases::start(crate::log::enabled(crate::log::Level::Debug));
         let init_pid = self.init_pid(cid)?;
         if lock(&self.containers)
             .get(cid)
@@ -607,10 +620,13 @@ impl Agent {
             wait_start: false,
             seccomp,
             cgroup,
+            timing: phases.enabled(),
         };
-        let mut spawned = self.spawn(cfg, stdio)?;
+        phases.mark("parse");
+        let mut spawned = self.spawn(cfg, stdio, &mut phases)?;
         let pid = spawned.proc_.pid;
         let r = wait_exec(&mut spawned.reader);
+        phases.mark("exec");
         {
             let mut cs = lock(&self.containers);
             if let Some(c) = cs.get_mut(cid) {
@@ -622,6 +638,7 @@ impl Agent {
             Some(exec_id.clone()),
             spawned.exit,
             spawned.pumps,
+            phases,
         ) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             if let Some(c) = lock(&self.containers).get_mut(cid) {
@@ -697,39 +714,26 @@ impl Agent {
 
     /// Starts a helper for `cfg` with the given stdio and waits until the new process is
     /// ready (set up, executable found) or failed.
-    fn spawn(&self, cfg: HelperConfig, stdio: Stdio) -> Result<Spawned, AgentError> {
+    ///
+    /// `phases`: `stdio` (pipes made), `helper` (forked and exec'd), `pid` (the helper joined
+    /// the namespaces and cloned), `ready` (the process set up its root and found its
+    /// executable), `relay` (output pumps started).
+    fn spawn(
+        &self,
+        cfg: HelperConfig,
+        stdio: Stdio,
+        phases: &mut Phases,
+    ) -> Result<Spawned, AgentError> {
         let io = ProcIo::new(
             &stdio,
             cfg.process.console_size.map(|c| (c.height, c.width)),
         )
         .map_err(|e| err(format!("set up stdio: {e}")))?;
+        phases.mark("stdio");
         let (sock, child_sock) = UnixStream::pair().map_err(|e| err(format!("socketpair: {e}")))?;
-        let child_fd = child_sock.as_raw_fd();
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg("__helper")
-            .env_clear()
-            .stdin(io.child_stdin)
-            .stdout(io.child_stdout)
-            .stderr(io.child_stderr);
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if child_fd == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(child_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| err(format!("spawn helper: {e}")))?;
-        let helper_pid = child.id() as i32;
-        drop(cmd);
-        drop(child_sock);
-        drop(child);
+        let helper_pid = self.start_helper(child_sock, io.child)?;
         self.reaper.forget(helper_pid);
+        phases.mark("helper");
 
         let mut w = sock.try_clone().map_err(|e| err(e.to_string()))?;
         let mut reader = BufReader::new(sock.try_clone().map_err(|e| err(e.to_string()))?);
@@ -742,23 +746,35 @@ impl Agent {
             Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
             other => return Err(err(format!("helper said {other:?}, expected a pid"))),
         };
+        phases.mark("pid");
         let exit = self.reaper.watch(pid);
         match read_report(&mut reader)? {
             Some(Report::Ready) => {}
             Some(Report::Error { message, code }) => return Err(AgentError::new(code, message)),
             other => return Err(err(format!("process said {other:?} before it was ready"))),
         }
+        phases.mark("ready");
         // Each pump holds a sender; the receiver disconnects once every pump has ended.
         let (pumps_tx, pumps) = std::sync::mpsc::channel::<()>();
+        let pipes = io.master.is_none();
         let threads = (|| {
             for (stream, src) in io.outputs {
                 let mux = Arc::clone(&self.mux);
+                let channel = Arc::clone(&self.channel);
                 let done = pumps_tx.clone();
                 spawn_thread("pump", move || {
-                    if let Err(e) = mux.pump(stream, src) {
-                        crate::debug!("stream {stream}: {e}");
-                    }
+                    // A pty master cannot be spliced from.
+                    let r = if pipes {
+                        crate::pipe_pump::pump(&mux, stream, src, &channel)
+                    } else {
+                        mux.pump(stream, src)
+                    };
                     drop(done);
+                    // Logged after the exit may go out: the console is slow under TCG.
+                    match r {
+                        Ok(stats) => crate::debug!("stream {stream} sent: {stats}"),
+                        Err(e) => crate::debug!("stream {stream}: {e}"),
+                    }
                 })?;
             }
             if let Some((stream, sink)) = io.input {
@@ -774,6 +790,7 @@ impl Agent {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             return Err(e);
         }
+        phases.mark("relay");
         Ok(Spawned {
             proc_: Proc {
                 pid,
@@ -787,16 +804,47 @@ impl Agent {
         })
     }
 
+    /// A helper with `sock` as its fd 3 and the child's ends of `io` as its stdio: forked by the
+    /// forker, or exec'd where there is none.
+    /// Our copies of `sock` and `child` are closed on return.
+    fn start_helper(&self, sock: UnixStream, child: ChildStdio) -> Result<i32, AgentError> {
+        let fds = [
+            sock.as_fd(),
+            child.stdin.as_fd(),
+            child.stdout.as_fd(),
+            child.stderr.as_fd(),
+        ];
+        let why = match self.forker.spawn_helper(&self.reaper, fds) {
+            Ok(pid) => return Ok(pid),
+            Err(ForkError::Failed(e)) => return Err(err(format!("spawn helper: {e}"))),
+            Err(ForkError::Unavailable(why)) => why,
+        };
+        crate::debug!("{why}; exec'ing a helper");
+        let helper = Command::new("/proc/self/exe")
+            .arg("__helper")
+            .env_clear()
+            .stdin(PStdio::from(child.stdin))
+            .stdout(PStdio::from(child.stdout))
+            .stderr(PStdio::from(child.stderr))
+            .fd3(sock.as_raw_fd())
+            .spawn()
+            .map_err(|e| err(format!("spawn helper: {e}")))?;
+        Ok(helper.id() as i32)
+    }
+
     fn watch_exit(
         self: &Arc<Self>,
         cid: String,
         exec_id: Option<String>,
         exit: std::sync::mpsc::Receiver<ExitStatus>,
         pumps: std::sync::mpsc::Receiver<()>,
+        mut phases: Phases,
     ) -> Result<(), AgentError> {
         let me = Arc::clone(self);
         spawn_thread("exit", move || {
+            phases.mark("registered");
             let Ok(status) = exit.recv() else { return };
+            phases.mark("run");
             {
                 let cs = lock(&me.containers);
                 if let Some(c) = cs.get(&cid) {
@@ -824,7 +872,7 @@ impl Agent {
                     break;
                 }
             }
-            crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
+            phases.mark("output");
             let _ = me.mux.send_message(&Message::Event {
                 event: Event::ProcessExited {
                     container_id: cid.clone(),
@@ -832,6 +880,12 @@ impl Agent {
                     status,
                 },
             });
+            phases.mark("event");
+            // After the event: the console is slow under TCG.
+            crate::debug!("{cid}/{exec_id:?} exited: {status:?}");
+            if phases.enabled() {
+                crate::debug!("exec {cid}/{exec_id:?} phases: {phases}");
+            }
             if exec_id.is_none() && me.power_off_when_idle.load(Ordering::SeqCst) {
                 let idle = lock(&me.containers)
                     .values()
@@ -921,11 +975,16 @@ fn wait_exec(r: &mut BufReader<UnixStream>) -> Result<(), AgentError> {
     }
 }
 
+/// The ends of a process's standard streams that the process gets.
+struct ChildStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
 /// A process's standard streams: the child's ends and ours.
 struct ProcIo {
-    child_stdin: PStdio,
-    child_stdout: PStdio,
-    child_stderr: PStdio,
+    child: ChildStdio,
     outputs: Vec<(u32, File)>,
     input: Option<(u32, File)>,
     master: Option<Arc<File>>,
@@ -945,9 +1004,11 @@ impl ProcIo {
             };
             let out = master.try_clone()?;
             return Ok(Self {
-                child_stdin: PStdio::from(slave.try_clone()?),
-                child_stdout: PStdio::from(slave.try_clone()?),
-                child_stderr: PStdio::from(slave),
+                child: ChildStdio {
+                    stdin: OwnedFd::from(slave.try_clone()?),
+                    stdout: OwnedFd::from(slave.try_clone()?),
+                    stderr: OwnedFd::from(slave),
+                },
                 outputs: vec![(stdio.stdout, out)],
                 input,
                 master: Some(Arc::new(master)),
@@ -957,25 +1018,29 @@ impl ProcIo {
         let (child_stdin, input) = match stdio.stdin {
             Some(s) => {
                 let (r, w) = pipe()?;
-                (PStdio::from(r), Some((s, w)))
+                (OwnedFd::from(r), Some((s, w)))
             }
-            None => (PStdio::from(null()?), None),
+            None => (OwnedFd::from(null()?), None),
         };
         let (r, w) = pipe()?;
+        crate::pipe_pump::enlarge(&r);
         outputs.push((stdio.stdout, r));
-        let child_stdout = PStdio::from(w);
+        let child_stdout = OwnedFd::from(w);
         let child_stderr = match stdio.stderr {
             Some(s) => {
                 let (r, w) = pipe()?;
+                crate::pipe_pump::enlarge(&r);
                 outputs.push((s, r));
-                PStdio::from(w)
+                OwnedFd::from(w)
             }
-            None => PStdio::from(null()?),
+            None => OwnedFd::from(null()?),
         };
         Ok(Self {
-            child_stdin,
-            child_stdout,
-            child_stderr,
+            child: ChildStdio {
+                stdin: child_stdin,
+                stdout: child_stdout,
+                stderr: child_stderr,
+            },
             outputs,
             input,
             master: None,

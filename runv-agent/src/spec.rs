@@ -259,6 +259,9 @@ pub struct HelperConfig {
     pub seccomp: Option<Seccomp>,
     /// The guest cgroup directory the process is placed in before anything else.
     pub cgroup: Option<String>,
+    /// Log the helper's and the process's setup phases (the agent logs at debug level).
+    #[serde(default)]
+    pub timing: bool,
 }
 
 /// Everything that makes a container's init: its namespaces, root and mounts.

@@ -125,6 +125,20 @@ impl Buf {
     }
 }
 
+/// A sink that takes its time with every write.
+#[derive(Clone)]
+struct Slow(Buf);
+
+impl Write for Slow {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        std::thread::sleep(Duration::from_millis(5));
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn wait_exit(ev: &Receiver<Event>, cid: &str, exec: Option<&str>) -> ExitStatus {
     let deadline = Instant::now() + T;
     loop {
@@ -333,6 +347,29 @@ fn agent_in_a_vm() {
     assert_eq!(wait_exit(&ev, "c2", Some("e1")), ExitStatus::Exited(0));
     assert!(h.wait(T));
     assert_eq!(o.text(), "sh\0-c\0sleep 1000; true\0");
+
+    // Output the agent splices from the process's pipes (issue 16), several frames' worth
+    // on stdout and stderr at once, to sinks slower than the guest: every byte arrives, in
+    // order, each on its own stream, while the flow control holds the rest in the guest.
+    let (big_out, big_err) = (Slow(Buf::default()), Slow(Buf::default()));
+    let hb = agent.attach_output(23, Box::new(big_out.clone()));
+    let hbe = agent.attach_output(24, Box::new(big_err.clone()));
+    exec(
+        "big",
+        &["sh", "-c", "seq 1 100000 >&2 & seq 1 200000; wait"],
+        runv_proto::Stdio {
+            terminal: false,
+            stdin: None,
+            stdout: 23,
+            stderr: Some(24),
+        },
+    )
+    .unwrap();
+    assert_eq!(wait_exit(&ev, "c2", Some("big")), ExitStatus::Exited(0));
+    assert!(hb.wait(T) && hbe.wait(T));
+    let seq = |n: u32| (1..=n).map(|i| format!("{i}\n")).collect::<String>();
+    assert!(big_out.0.text() == seq(200000), "stdout differs");
+    assert!(big_err.0.text() == seq(100000), "stderr differs");
 
     // A missing binary: runc's message and 127.
     match exec("e2", &["/bin/nope"], plain(21)) {

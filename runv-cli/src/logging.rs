@@ -176,6 +176,15 @@ impl<S: Subscriber> Layer<S> for RuncLayer {
 }
 
 /// Now as RFC 3339 in UTC with nanoseconds, e.g. `2026-11-28T22:50:18.123456789Z`.
+/// Whether debug lines are logged (to skip measuring what would not be shown).
+///
+/// Not `tracing::enabled!`: with per-layer filters (ours) that asks the filters without an
+/// event to follow, and their per-thread verdict then applied to the thread's next event,
+/// which was dropped (`runv exec` lost its error line that way).
+pub fn debug_enabled() -> bool {
+    LevelFilter::current() >= LevelFilter::DEBUG
+}
+
 pub fn rfc3339_now() -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -285,6 +285,22 @@ fn exec_env_cwd_user_exit_codes_and_missing_binaries() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "bar /tmp 65534:65534\n");
 
+    // Nothing ignored or blocked, as a process under runc: the agent and its helpers are
+    // Rust programs, which ignore SIGPIPE, and an ignored signal stays ignored across exec.
+    for pid in ["self", "1"] {
+        let out = env.run_ok(
+            env.runv()
+                .args(["exec", "e1", "grep", "-E", "^Sig(Ign|Blk)"])
+                .arg(format!("/proc/{pid}/status")),
+            60,
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+            "/proc/{pid}"
+        );
+    }
+
     let out = env.run(env.runv().args(["exec", "e1", "/bin/nope"]), 60);
     assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
     assert!(
@@ -336,6 +352,61 @@ fn exec_env_cwd_user_exit_codes_and_missing_binaries() {
     );
 
     env.run_ok(env.runv().args(["delete", "--force", "e1"]), 60);
+    env.assert_clean();
+}
+
+/// Helpers are forked by one forker process in the guest (issue 16). A container in the
+/// guest's pid namespace sees it; once it is killed an exec still works (the agent execs a
+/// helper itself) and the next one gets a new forker.
+#[test]
+fn exec_works_after_the_guests_helper_forker_died() {
+    let env = Env::new("forker");
+    let bundle = env.bundle("b", &["sleep", "1000"]);
+    env.edit_spec(&bundle, |spec| {
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "pid");
+    });
+    let (status, _, err) = env.run_files(
+        env.runv()
+            .args(["run", "-d", "--bundle"])
+            .arg(&bundle)
+            .arg("f1"),
+        180,
+    );
+    assert!(status.success(), "{err}");
+    // The forker, and helpers it forked that have not exited yet, run `__forker`.
+    let forkers = || -> Vec<String> {
+        let out = env.run_ok(
+            env.runv().args([
+                "exec",
+                "f1",
+                "sh",
+                "-c",
+                // (The pattern does not match this shell's own command line.)
+                "for p in /proc/[0-9]*; do grep -qs '__f[o]rker' $p/cmdline && echo ${p#/proc/}; done; true",
+            ]),
+            60,
+        );
+        text(&out.stdout).lines().map(str::to_string).collect()
+    };
+    let before = forkers();
+    assert!(!before.is_empty(), "no forker in the guest");
+    // A helper among them may have exited by now.
+    let kill = format!("kill -9 {} 2>/dev/null; true", before.join(" "));
+    env.run_ok(env.runv().args(["exec", "f1", "sh", "-c", &kill]), 60);
+
+    let out = env.run_ok(env.runv().args(["exec", "f1", "echo", "ok"]), 60);
+    assert_eq!(text(&out.stdout), "ok\n");
+    let after = forkers();
+    assert!(!after.is_empty(), "no new forker");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+
+    env.run_ok(env.runv().args(["delete", "--force", "f1"]), 60);
     env.assert_clean();
 }
 

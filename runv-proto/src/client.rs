@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use crate::preamble::{Noise, read_to_magic};
 use crate::{
-    AgentError, Event, FrameReader, MAX_NOISE, Message, Mux, OutputHandle, PROTOCOL_VERSION,
-    ProtoError, Request, ResponseBody,
+    AgentError, Event, FrameReader, HOST_WINDOW, MAX_NOISE, Message, Mux, OutputHandle,
+    PROTOCOL_VERSION, ProtoError, Request, ResponseBody,
 };
 
 /// Errors of [`AgentClient`].
@@ -102,10 +102,11 @@ impl AgentClient {
         let shutdown_fd = OwnedFd::from(file.try_clone().map_err(ProtoError::from)?);
         let (hello_tx, hello_rx) = mpsc::channel::<Result<(u32, String), ProtoError>>();
         let (inner_tx, inner_rx) = mpsc::channel::<Arc<Inner>>();
-        let mux = Mux::new(Box::new(file));
+        let mux = Mux::with_receive_window(Box::new(file), HOST_WINDOW);
         let host_hello = Message::Hello {
             version: PROTOCOL_VERSION,
             agent_version: format!("runv-host {}", env!("CARGO_PKG_VERSION")),
+            window: Some(mux.receive_window()),
         };
         if restored {
             mux.send_message(&host_hello)?;
@@ -135,7 +136,11 @@ impl AgentClient {
                         Ok(Some(Message::Hello {
                             version,
                             agent_version,
-                        })) => Ok((version, agent_version)),
+                            window,
+                        })) => {
+                            mux2.set_send_window(window);
+                            Ok((version, agent_version))
+                        }
                         Ok(other) => Err(ProtoError::Unexpected {
                             expected: "Hello from the agent",
                             got: format!("{other:?}"),
@@ -281,7 +286,7 @@ impl AgentClient {
 
     /// Copies a reader (for example the host's stdin) to a guest stream, then closes it.
     pub fn pump_input(&self, stream: u32, source: impl std::io::Read) -> Result<u64, Error> {
-        Ok(self.inner.mux.pump(stream, source)?)
+        Ok(self.inner.mux.pump(stream, source)?.bytes)
     }
 
     /// `Some(reason)` once the connection is gone (VM died, agent exited, protocol error).

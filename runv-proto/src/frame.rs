@@ -261,6 +261,22 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
+    /// Writes the header of a data frame of `len` bytes; the caller writes the payload to the
+    /// same stream next (see `Mux::send_data_with`).
+    pub fn write_data_header(&mut self, stream: u32, len: usize) -> Result<()> {
+        let total = HEADER_AFTER_LEN + len;
+        if total > MAX_FRAME {
+            return Err(ProtoError::TooLarge(total as u64));
+        }
+        let mut hdr = [0u8; 4 + HEADER_AFTER_LEN];
+        hdr[..4].copy_from_slice(&(total as u32).to_le_bytes());
+        hdr[4] = FrameType::Data as u8;
+        hdr[5..].copy_from_slice(&stream.to_le_bytes());
+        self.inner.write_all(&hdr)?;
+        self.inner.flush()?;
+        Ok(())
+    }
+
     pub fn get_ref(&self) -> &W {
         &self.inner
     }

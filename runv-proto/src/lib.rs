@@ -27,7 +27,8 @@
 //!
 //! # Flow control
 //!
-//! Every stream starts with [`INITIAL_WINDOW`] bytes of credit. A sender never sends more bytes
+//! Every stream starts with [`INITIAL_WINDOW`] bytes of credit, or the window its receiver
+//! announced in its Hello (the host announces [`HOST_WINDOW`]). A sender never sends more bytes
 //! than it has been granted; the receiver grants more ([`FrameType::Credit`]) only after it has
 //! delivered the bytes to their final consumer (written them to the sink). A slow reader thus
 //! makes the sender stop reading from its source (a process's stdout pipe fills up and the
@@ -57,12 +58,14 @@ pub mod frame;
 pub mod message;
 pub mod mux;
 pub mod preamble;
+pub mod timing;
 
 pub use capabilities::LINUX_CAPABILITIES;
 pub use frame::{Frame, FrameReader, FrameType, FrameWriter, decode_frame};
 pub use message::*;
 pub use mux::{Mux, OutputHandle};
 pub use preamble::{AGENT_MAGIC, MAX_NOISE};
+pub use timing::{Phases, StreamStats};
 
 /// Version of the wire protocol; bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -72,8 +75,15 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const HEADER_AFTER_LEN: usize = 5;
 /// Largest payload of a data frame that senders produce.
 pub const MAX_DATA: usize = 64 * 1024;
-/// Credit every stream starts with, in bytes.
+/// Credit every stream starts with, in bytes, unless the receiver's Hello says otherwise
+/// ([`Message::Hello`]'s `window`).
 pub const INITIAL_WINDOW: u64 = 256 * 1024;
+/// The window the host grants on the guest's output streams: a few large frames in flight
+/// (issue 16: under TCG each frame has a fixed cost in the guest).
+pub const HOST_WINDOW: u64 = 2 << 20;
+/// Bounds on a window a peer advertises (the guest is not trusted).
+pub const MIN_WINDOW: u64 = 4 << 10;
+pub const MAX_WINDOW: u64 = 16 << 20;
 
 /// Everything that can go wrong on the wire.
 #[derive(Debug, thiserror::Error)]

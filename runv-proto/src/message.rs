@@ -9,6 +9,12 @@ pub enum Message {
     Hello {
         version: u32,
         agent_version: String,
+        /// The credit each stream the sender receives starts with, in bytes: what it can
+        /// take in before it grants more. Absent (older peers, before issue 16): the
+        /// protocol's [`crate::INITIAL_WINDOW`]. The other side sends at most that much
+        /// ahead on every stream.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u64>,
     },
     Request {
         id: u64,

@@ -6,12 +6,16 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::{Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, Message, ProtoError, Result};
+use crate::timing::StreamStats;
+use crate::{
+    Frame, FrameType, FrameWriter, INITIAL_WINDOW, MAX_DATA, MAX_WINDOW, MIN_WINDOW, Message,
+    ProtoError, Result,
+};
 
 type Writer = FrameWriter<Box<dyn Write + Send>>;
 
@@ -40,13 +44,20 @@ struct InStream {
 #[derive(Clone)]
 pub struct OutputHandle {
     done: Arc<(Mutex<bool>, Condvar)>,
+    stats: Arc<Mutex<StreamStats>>,
 }
 
 impl OutputHandle {
     fn new() -> Self {
         Self {
             done: Arc::new((Mutex::new(false), Condvar::new())),
+            stats: Arc::default(),
         }
+    }
+
+    /// What the sink spent its time on, once it is done (zero before).
+    pub fn stats(&self) -> StreamStats {
+        *lock(&self.stats)
     }
 
     fn finish(&self) {
@@ -91,17 +102,48 @@ pub struct Mux {
     credit_cv: Condvar,
     incoming: Mutex<HashMap<u32, InStream>>,
     closed: AtomicBool,
+    /// Credit each incoming stream starts with: what we announce in our Hello.
+    receive_window: u64,
+    /// Credit each outgoing stream starts with: what the peer announced.
+    send_window: AtomicU64,
 }
 
 impl Mux {
+    /// A mux whose incoming streams get the protocol's [`INITIAL_WINDOW`].
     pub fn new(writer: Box<dyn Write + Send>) -> Arc<Self> {
+        Self::with_receive_window(writer, INITIAL_WINDOW)
+    }
+
+    /// A mux whose incoming streams get `window` bytes of credit; announce it to the peer in
+    /// the Hello ([`Mux::receive_window`]).
+    pub fn with_receive_window(writer: Box<dyn Write + Send>, window: u64) -> Arc<Self> {
         Arc::new(Self {
             writer: Mutex::new(FrameWriter::new(writer)),
             credits: Mutex::new(HashMap::new()),
             credit_cv: Condvar::new(),
             incoming: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            receive_window: window,
+            send_window: AtomicU64::new(INITIAL_WINDOW),
         })
+    }
+
+    /// The credit our incoming streams start with.
+    pub fn receive_window(&self) -> u64 {
+        self.receive_window
+    }
+
+    /// Takes the window the peer announced in its Hello (None: it announced none, the
+    /// protocol's default), bounded to [`MIN_WINDOW`]..=[`MAX_WINDOW`]; it applies to
+    /// outgoing streams that have not started yet.
+    pub fn set_send_window(&self, announced: Option<u64>) {
+        let w = announced.map_or(INITIAL_WINDOW, |w| w.clamp(MIN_WINDOW, MAX_WINDOW));
+        self.send_window.store(w, Ordering::SeqCst);
+    }
+
+    /// The credit a new outgoing stream starts with.
+    pub fn send_window(&self) -> u64 {
+        self.send_window.load(Ordering::SeqCst)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -139,6 +181,7 @@ impl Mux {
         let hello = Frame::control(&Message::Hello {
             version: crate::PROTOCOL_VERSION,
             agent_version,
+            window: Some(self.receive_window),
         })?;
         let r = lock(&self.writer).write_frame_after(crate::AGENT_MAGIC, &hello);
         if r.is_err() {
@@ -163,13 +206,14 @@ impl Mux {
     }
 
     /// Waits for credit on `stream`; returns how many bytes (at most `want`) may be sent now.
-    fn take_credit(&self, stream: u32, want: usize) -> Result<usize> {
+    /// What is not sent must be given back ([`Mux::give_back_credit`]).
+    pub fn take_credit(&self, stream: u32, want: usize) -> Result<usize> {
         let mut credits = lock(&self.credits);
         loop {
             if self.is_closed() {
                 return Err(Self::closed_err());
             }
-            let c = credits.entry(stream).or_insert(INITIAL_WINDOW);
+            let c = credits.entry(stream).or_insert(self.send_window());
             if *c > 0 {
                 let n = (*c).min(want as u64) as usize;
                 *c -= n as u64;
@@ -182,7 +226,8 @@ impl Mux {
         }
     }
 
-    fn give_back_credit(&self, stream: u32, n: usize) {
+    /// Returns credit taken with [`Mux::take_credit`] and not spent.
+    pub fn give_back_credit(&self, stream: u32, n: usize) {
         if n > 0 {
             *lock(&self.credits).entry(stream).or_insert(0) += n as u64;
             self.credit_cv.notify_all();
@@ -191,7 +236,10 @@ impl Mux {
 
     /// Current unspent credit of an outgoing stream (for tests and diagnostics).
     pub fn credit(&self, stream: u32) -> u64 {
-        *lock(&self.credits).get(&stream).unwrap_or(&INITIAL_WINDOW)
+        lock(&self.credits)
+            .get(&stream)
+            .copied()
+            .unwrap_or(self.send_window())
     }
 
     /// Sends `bytes` on `stream`, blocking while the receiver has granted no credit.
@@ -209,6 +257,31 @@ impl Mux {
         Ok(())
     }
 
+    /// Sends a data frame of `len` bytes (credit already taken) whose payload `payload`
+    /// writes to the connection itself, with the connection locked between the header and
+    /// its return: for a caller that moves the bytes without copying them through here (the
+    /// agent splices a process's pipe into its channel). `payload` must write exactly `len`
+    /// bytes or fail; a failure closes the connection, whose stream of frames is broken.
+    pub fn send_data_with(
+        &self,
+        stream: u32,
+        len: usize,
+        payload: impl FnOnce() -> io::Result<()>,
+    ) -> Result<()> {
+        if self.is_closed() {
+            return Err(Self::closed_err());
+        }
+        let mut w = lock(&self.writer);
+        let r = w
+            .write_data_header(stream, len)
+            .and_then(|()| payload().map_err(ProtoError::from));
+        drop(w);
+        if r.is_err() {
+            self.close();
+        }
+        r
+    }
+
     /// Signals the end of `stream`.
     pub fn send_eof(&self, stream: u32) -> Result<()> {
         self.write_frame(&Frame::eof(stream))?;
@@ -218,12 +291,16 @@ impl Mux {
 
     /// Copies `source` to `stream` until its end, then sends EOF. It reads only as much as the
     /// receiver's credit allows, so a slow receiver leaves the rest in `source` (for example a
-    /// process's pipe). Returns the number of bytes sent.
-    pub fn pump(&self, stream: u32, mut source: impl Read) -> Result<u64> {
+    /// process's pipe). Returns what it sent and where the time went.
+    pub fn pump(&self, stream: u32, mut source: impl Read) -> Result<StreamStats> {
         let mut buf = vec![0u8; MAX_DATA];
-        let mut total = 0u64;
+        let mut st = StreamStats::default();
+        let start = Instant::now();
         loop {
+            let t = Instant::now();
             let n = self.take_credit(stream, MAX_DATA)?;
+            let t_credit = Instant::now();
+            st.credit += t_credit - t;
             let got = loop {
                 match source.read(&mut buf[..n]) {
                     Ok(k) => break k,
@@ -237,6 +314,8 @@ impl Mux {
                     }
                 }
             };
+            let t_read = Instant::now();
+            st.waiting += t_read - t_credit;
             self.give_back_credit(stream, n - got);
             if got == 0 {
                 break;
@@ -247,10 +326,14 @@ impl Mux {
                 self.close();
                 return Err(e);
             }
-            total += got as u64;
+            drop(w);
+            st.writing += t_read.elapsed();
+            st.bytes += got as u64;
+            st.frames += 1;
         }
         self.send_eof(stream)?;
-        Ok(total)
+        st.elapsed = start.elapsed();
+        Ok(st)
     }
 
     /// Routes incoming data of `stream` to `sink`, written by a thread of its own. Credit is
@@ -283,7 +366,8 @@ impl Mux {
         std::thread::Builder::new()
             .name(format!("sink-{stream}"))
             .spawn(move || {
-                mux.run_sink(stream, sink, rx);
+                let st = mux.run_sink(stream, sink, rx);
+                *lock(&h.stats) = st;
                 h.finish();
             })?;
         {
@@ -320,15 +404,29 @@ impl Mux {
         Ok(handle)
     }
 
-    fn run_sink(&self, stream: u32, mut sink: Box<dyn Write + Send>, rx: mpsc::Receiver<SinkMsg>) {
+    fn run_sink(
+        &self,
+        stream: u32,
+        mut sink: Box<dyn Write + Send>,
+        rx: mpsc::Receiver<SinkMsg>,
+    ) -> StreamStats {
         let mut broken = false;
-        while let Ok(msg) = rx.recv() {
+        let mut st = StreamStats::default();
+        let start = Instant::now();
+        loop {
+            let t = Instant::now();
+            let Ok(msg) = rx.recv() else { break };
+            let t_got = Instant::now();
+            st.waiting += t_got - t;
             match msg {
                 SinkMsg::Data(d) => {
                     if !broken && sink.write_all(&d).and_then(|_| sink.flush()).is_err() {
                         // The consumer went away: keep draining so the sender does not hang.
                         broken = true;
                     }
+                    st.writing += t_got.elapsed();
+                    st.bytes += d.len() as u64;
+                    st.frames += 1;
                     if let Some(s) = lock(&self.incoming).get_mut(&stream) {
                         s.outstanding = s.outstanding.saturating_sub(d.len() as u64);
                     }
@@ -338,6 +436,8 @@ impl Mux {
             }
         }
         drop(sink);
+        st.elapsed = start.elapsed();
+        st
     }
 
     /// Applies one incoming frame. Control messages are returned to the caller.
@@ -359,7 +459,7 @@ impl Mux {
                     outstanding: 0,
                 });
                 s.outstanding += frame.payload.len() as u64;
-                if s.outstanding > INITIAL_WINDOW {
+                if s.outstanding > self.receive_window {
                     return Err(ProtoError::Unexpected {
                         expected: "data within the granted credit",
                         got: format!(

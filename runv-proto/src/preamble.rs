@@ -63,6 +63,7 @@ fn bare_hello(start: &[u8]) -> Option<ProtoError> {
         Message::Hello {
             version,
             agent_version,
+            ..
         } => Some(ProtoError::VersionMismatch {
             ours: PROTOCOL_VERSION,
             theirs: version,
@@ -153,6 +154,7 @@ mod tests {
         Frame::control(&Message::Hello {
             version,
             agent_version: "runv-agent test".into(),
+            window: None,
         })
         .unwrap()
         .encode()

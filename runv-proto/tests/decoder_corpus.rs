@@ -80,7 +80,8 @@ fn valid_corpus_frame_decodes() {
         f.message().unwrap(),
         Message::Hello {
             version: 1,
-            agent_version: "a".into()
+            agent_version: "a".into(),
+            window: None,
         }
     );
 }

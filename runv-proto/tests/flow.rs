@@ -62,12 +62,15 @@ impl Write for SlowSink {
     }
 }
 
-#[test]
-fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
+/// Streams 8 MiB through a sender and a receiver (windows as given) to a slow consumer that
+/// is attached late and checks every byte; returns how far ahead of the consumer the sender
+/// read its source at most.
+fn slow_reader(receive_window: u64, announced: Option<u64>) -> u64 {
     const TOTAL: u64 = 8 << 20;
     let (a, b) = UnixStream::pair().unwrap();
     let sender = Mux::new(Box::new(a.try_clone().unwrap()));
-    let receiver = Mux::new(Box::new(b.try_clone().unwrap()));
+    sender.set_send_window(announced);
+    let receiver = Mux::with_receive_window(Box::new(b.try_clone().unwrap()), receive_window);
 
     // Sender side: read credit frames coming back.
     let s2 = Arc::clone(&sender);
@@ -109,9 +112,18 @@ fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
         }),
     );
     assert!(h.wait(Duration::from_secs(60)), "stream did not finish");
-    assert_eq!(pump.join().unwrap(), TOTAL);
+    let sent = pump.join().unwrap();
+    assert_eq!(sent.bytes, TOTAL);
+    // The stats the debug logs show count what really went through.
+    assert_eq!(h.stats().bytes, TOTAL);
+    assert_eq!(h.stats().frames, sent.frames);
     assert_eq!(consumed.load(Ordering::SeqCst), TOTAL);
-    let ahead = max_ahead.load(Ordering::SeqCst);
+    max_ahead.load(Ordering::SeqCst)
+}
+
+#[test]
+fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
+    let ahead = slow_reader(INITIAL_WINDOW, None);
     assert!(
         ahead <= INITIAL_WINDOW,
         "sender read {ahead} bytes ahead of the consumer, window is {INITIAL_WINDOW}"
@@ -119,7 +131,35 @@ fn slow_reader_gets_every_byte_and_sender_stays_bounded() {
     assert!(ahead > 0);
 }
 
-/// A minimal fake agent speaking the protocol on the other end of a socketpair.
+#[test]
+fn a_window_announced_by_the_receiver_is_what_the_sender_uses() {
+    const WINDOW: u64 = 1 << 20;
+    let ahead = slow_reader(WINDOW, Some(WINDOW));
+    // While no consumer is attached the sender fills the whole window, and never more.
+    assert!(
+        ahead > INITIAL_WINDOW && ahead <= WINDOW,
+        "sender read {ahead} bytes ahead of the consumer, window is {WINDOW}"
+    );
+    // A peer's announcement is bounded.
+    let m = Mux::new(Box::new(std::io::sink()));
+    m.set_send_window(Some(u64::MAX));
+    assert_eq!(m.send_window(), MAX_WINDOW);
+    m.set_send_window(Some(0));
+    assert_eq!(m.send_window(), MIN_WINDOW);
+    m.set_send_window(None);
+    assert_eq!(m.send_window(), INITIAL_WINDOW);
+}
+
+#[test]
+fn data_beyond_the_receive_window_is_refused() {
+    let receiver = Mux::with_receive_window(Box::new(std::io::sink()), 64 << 10);
+    let chunk = vec![0u8; 32 << 10];
+    receiver.handle_frame(Frame::data(3, &chunk)).unwrap();
+    receiver.handle_frame(Frame::data(3, &chunk)).unwrap();
+    let e = receiver.handle_frame(Frame::data(3, &[0])).unwrap_err();
+    assert!(e.to_string().contains("granted credit"), "{e}");
+}
+
 fn fake_agent(s: UnixStream, version: u32) -> std::thread::JoinHandle<()> {
     fake_agent_after(s, version, b"")
 }
@@ -140,6 +180,7 @@ fn fake_agent_after(
             mux.send_message(&Message::Hello {
                 version,
                 agent_version: "fake".into(),
+                window: None,
             })
             .unwrap();
         }
@@ -330,6 +371,7 @@ fn console_output_before_the_agent_is_skipped_or_named() {
         mux.send_message(&Message::Hello {
             version: 1,
             agent_version: "old".into(),
+            window: None,
         })
         .unwrap();
         std::thread::sleep(Duration::from_secs(2));
@@ -368,7 +410,10 @@ fn throughput_over_socketpair() {
     });
     let t0 = std::time::Instant::now();
     let h = receiver.attach_sink(1, Box::new(std::io::sink()));
-    let n = sender.pump(1, std::io::repeat(7).take(TOTAL)).unwrap();
+    let n = sender
+        .pump(1, std::io::repeat(7).take(TOTAL))
+        .unwrap()
+        .bytes;
     assert!(h.wait(Duration::from_secs(120)));
     assert_eq!(n, TOTAL);
     let secs = t0.elapsed().as_secs_f64();

@@ -124,10 +124,13 @@ fn request() -> impl Strategy<Value = Request> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u32>(), ".{0,20}").prop_map(|(version, agent_version)| Message::Hello {
-            version,
-            agent_version
-        }),
+        (any::<u32>(), ".{0,20}", proptest::option::of(any::<u64>())).prop_map(
+            |(version, agent_version, window)| Message::Hello {
+                version,
+                agent_version,
+                window
+            }
+        ),
         (any::<u64>(), request()).prop_map(|(id, body)| Message::Request { id, body }),
         (any::<u64>(), ".{0,40}", any::<i32>()).prop_map(|(id, m, code)| Message::Response {
             id,
@@ -232,9 +235,22 @@ fn wire_format_is_stable() {
     let hello = Message::Hello {
         version: 1,
         agent_version: "x".into(),
+        window: None,
     };
     assert_eq!(
         serde_json::to_string(&hello).unwrap(),
         r#"{"msg":"hello","version":1,"agent_version":"x"}"#
     );
+    // The window (issue 16) is optional both ways: peers that predate it neither send it
+    // nor mind it (serde skips fields it does not know).
+    let hello = Message::Hello {
+        version: 2,
+        agent_version: "x".into(),
+        window: Some(2 << 20),
+    };
+    let json = r#"{"msg":"hello","version":2,"agent_version":"x","window":2097152}"#;
+    assert_eq!(serde_json::to_string(&hello).unwrap(), json);
+    assert_eq!(serde_json::from_str::<Message>(json).unwrap(), hello);
+    let later = r#"{"msg":"hello","version":2,"agent_version":"x","window":1,"new":true}"#;
+    assert!(serde_json::from_str::<Message>(later).is_ok());
 }

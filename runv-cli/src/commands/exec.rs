@@ -22,6 +22,7 @@ use crate::state::Status;
 const ENV_READY_FD: &str = "RUNV_EXEC_READY_FD";
 
 pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
+    let mut phases = runv_proto::Phases::start(crate::logging::debug_enabled());
     let id = &args.container_id;
     let state = ctx.store.load(id)?;
     match state.effective_status() {
@@ -35,6 +36,7 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         _ => bail!("cannot exec in a container that is not running"),
     }
     let process = build_process(args, Path::new(&state.bundle))?;
+    phases.mark("state");
     let ready_fd = std::env::var(ENV_READY_FD)
         .ok()
         .and_then(|v| v.parse::<i32>().ok());
@@ -58,9 +60,11 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         vec![0, 1, 2]
     };
     let mut call = control::send(&ctx.store.dir(id), &Request::Exec { process, tty }, &fds)?;
+    phases.mark("sent");
     // The monitor holds its own copies now.
     drop(pty_slave);
     let started = call.next(Some(Duration::from_secs(60)))?;
+    phases.mark("started");
     if let Some(error) = started.error {
         let code = started.code.unwrap_or(1);
         report_ready(ready_fd, &format!("error {code} {error}"));
@@ -79,6 +83,8 @@ pub fn run(ctx: &Ctx, args: &liboci_cli::Exec) -> anyhow::Result<ExitCode> {
         }
     }
     let done = call.next(None)?;
+    phases.mark("exited");
+    tracing::debug!("exec phases: {phases}");
     drop(relay);
     if let Some(error) = done.error {
         bail!("{error}");

@@ -245,11 +245,13 @@ pub(super) fn exec(
     mut fds: Vec<OwnedFd>,
 ) {
     let mut code = None;
+    let mut phases = runv_proto::Phases::start(crate::logging::debug_enabled());
     let result = (|| -> anyhow::Result<(String, std::sync::mpsc::Receiver<runv_proto::ExitStatus>, stdio::Relay)> {
         // A pod member's own monitor checked its status.
         if container_id == monitor.id {
             require_status(monitor, &[Status::Running], "exec into")?;
         }
+        phases.mark("status");
         let host = match (tty, fds.len()) {
             (true, 1) => HostStdio::Tty(fds.remove(0)),
             (false, 3) => {
@@ -282,6 +284,7 @@ pub(super) fn exec(
             },
             REQUEST_TIMEOUT,
         );
+        phases.mark("agent");
         if let Err(e) = answer {
             if let Ok(mut m) = monitor.execs.lock() {
                 m.remove(&exec_id);
@@ -300,6 +303,7 @@ pub(super) fn exec(
                 cols,
             }
         })?;
+        phases.mark("relay");
         Ok((exec_id, rx, relay))
     })();
     let (exec_id, rx, relay) = match result {
@@ -312,11 +316,21 @@ pub(super) fn exec(
     if control::reply(stream, &Reply::ok(json!({"exec_id": exec_id}))).is_err() {
         tracing::debug!("exec client went away; the process keeps running");
     }
+    phases.mark("started");
     let code = match rx.recv() {
         Ok(status) => status.code(),
         Err(_) => 137,
     };
+    phases.mark("exit-event");
     relay.wait_output(Duration::from_secs(2));
-    drop(relay);
+    phases.mark("output");
     let _ = control::reply(stream, &Reply::ok(json!({"exit": code})));
+    phases.mark("replied");
+    if phases.enabled() {
+        tracing::debug!("exec {exec_id} phases: {phases}");
+        for (name, stats) in relay.output_stats() {
+            tracing::debug!("exec {exec_id} {name} relayed: {stats}");
+        }
+    }
+    drop(relay);
 }

@@ -59,6 +59,14 @@ impl Relay {
             o.wait(timeout);
         }
     }
+
+    /// What each output's sink spent its time on (for debug logs), stdout first.
+    pub fn output_stats(&self) -> Vec<(&'static str, runv_proto::StreamStats)> {
+        ["stdout", "stderr"]
+            .into_iter()
+            .zip(self.outputs.iter().map(OutputHandle::stats))
+            .collect()
+    }
 }
 
 impl Drop for Relay {
