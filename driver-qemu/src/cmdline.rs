@@ -158,6 +158,9 @@ pub struct QemuOptions {
     /// Host TSC frequency; passed as `tsc_early_khz` to a microvm guest under TCG, where the
     /// kernel has no HPET/PM timer to calibrate against and otherwise hangs now and then.
     pub tsc_khz: Option<u64>,
+    /// Open taps, one per network interface in order (`fd=`); without one, qemu attaches to
+    /// the tap by name, which needs CAP_NET_ADMIN.
+    pub tap_fds: Vec<i32>,
 }
 
 /// Files the VM uses, derived from the config.
@@ -177,6 +180,20 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
 const SUN_PATH_MAX: usize = 107;
 
 impl VmPaths {
+    /// The same sockets as qemu sees them when the state directory is at `dir` (its jail).
+    pub fn seen_from(&self, dir: &Path) -> Self {
+        let moved = |p: &Path| {
+            p.file_name()
+                .map(|n| dir.join(n))
+                .unwrap_or_else(|| p.to_path_buf())
+        };
+        Self {
+            agent_socket: moved(&self.agent_socket),
+            qmp_socket: moved(&self.qmp_socket),
+            log_file: self.log_file.clone(),
+        }
+    }
+
     pub fn new(config: &VmConfig) -> Result<Self, String> {
         if config.state_dir.as_os_str().is_empty() {
             return Err("the VM config has no state_dir".into());
@@ -237,15 +254,15 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
     params.join(" ")
 }
 
-/// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
-/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. QEMU
-/// runs as root all the same, because its devices need it: the 9p shares (security_model=none)
-/// write files as any guest uid into root-owned rootfs and volumes, and `ifname=` taps need
-/// CAP_NET_ADMIN to attach. `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
 /// The guest CPU under TCG: everything TCG emulates but the fast-string flags (see
 /// `build_args`).
 pub const TCG_CPU: &str = "max,-erms,-fsrm";
 
+/// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
+/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. QEMU
+/// runs as root all the same, because its 9p shares (security_model=none) write files as any
+/// guest uid into root-owned rootfs and volumes; what it can reach is limited by its jail
+/// (`jail.rs`). `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The same for a template VM or a clone, which save or load their device state through an
 /// `exec:cat` migration URI: spawning is allowed for those until the migration goes through
@@ -422,13 +439,11 @@ pub fn build_args(
             device.push_str(&format!(",host_mtu={}", nic.mtu));
         }
         if !template_nic {
-            push(&[
-                "-netdev",
-                &format!(
-                    "tap,id=net{i},ifname={},script=no,downscript=no,vhost=off",
-                    escape(&nic.tap)
-                ),
-            ]);
+            let backend = match options.tap_fds.get(i) {
+                Some(fd) => format!("fd={fd}"),
+                None => format!("ifname={},script=no,downscript=no", escape(&nic.tap)),
+            };
+            push(&["-netdev", &format!("tap,id=net{i},{backend},vhost=off")]);
         }
         push(&["-device", &device]);
     }
@@ -460,6 +475,7 @@ mod tests {
             accel: Accel::Tcg,
             machine: Machine::Microvm,
             tsc_khz: Some(2_600_000),
+            tap_fds: Vec::new(),
         }
     }
 
@@ -594,6 +610,15 @@ mod tests {
         assert!(devices.contains(&"virtio-blk-device,drive=blk0,serial=rootfs"));
         assert!(
             devices.contains(&"virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,host_mtu=1400")
+        );
+        // The driver hands qemu the tap open: no CAP_NET_ADMIN needed to attach.
+        let opts = QemuOptions {
+            tap_fds: vec![7],
+            ..tcg_microvm()
+        };
+        assert_eq!(
+            values(&args(&cfg, &opts), "-netdev"),
+            ["tap,id=net0,fd=7,vhost=off"]
         );
     }
 

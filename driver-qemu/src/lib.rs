@@ -6,17 +6,23 @@
 //!   ([`choose_accel`]); `parameters["accel"]` = `kvm` | `tcg` | `auto` forces it.
 //! * `parameters["qemu"]`: the qemu binary (default: `qemu-system-x86_64` from `PATH`).
 //! * `parameters["start_timeout_ms"]`: how long `start_vm` waits for qemu (default 30000).
+//! * `parameters["jail"]` = `on` (default) | `off`: qemu in its own mount namespace with only
+//!   its VM's files and a reduced capability bounding set (`jail.rs`).
 //! * Agent channel: a virtio-serial port named `org.runv.agent`, backed by a unix socket in the
 //!   state dir that the driver connects to and hands over.
 //! * QMP on `<state_dir>/qmp.sock`, for pause/resume/quit; qemu's stderr and the driver's own
 //!   diagnostics (lines starting with `runv-driver-qemu:`) go to the log file.
 
 mod cmdline;
+mod jail;
 mod qmp;
+mod tap;
 mod template;
 mod vm;
 
 use std::env;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -130,15 +136,31 @@ impl QemuDriver {
                     .map_err(|_| format!("invalid start_timeout_ms {ms:?}"))?,
             ),
         };
+        let paths = VmPaths::new(config)?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
+        let taps = config
+            .network_interfaces
+            .iter()
+            .filter(|nic| !nic.tap.is_empty())
+            .map(|nic| tap::open(&nic.tap))
+            .collect::<Result<Vec<_>, _>>()?;
         let options = QemuOptions {
             accel: choice.accel,
             machine,
             tsc_khz: self.host.tsc_khz,
+            tap_fds: taps.iter().map(AsRawFd::as_raw_fd).collect(),
         };
-        let paths = VmPaths::new(config)?;
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(|e| format!("creating {}: {e}", config.state_dir.display()))?;
-        let mut args = build_args(config, &options, &paths)?;
+        let jail = match param("jail") {
+            Some("off") => None,
+            None | Some("on") => Some(self.jail(config, template_dir)?),
+            Some(other) => return Err(format!("invalid jail {other:?} (on or off)")),
+        };
+        let qemu_paths = match jail {
+            Some(_) => paths.seen_from(Path::new(jail::STATE_DIR)),
+            None => paths.clone(),
+        };
+        let mut args = build_args(config, &options, &qemu_paths)?;
         let memory_mib = if config.memory_mib == 0 {
             cmdline::DEFAULT_MEMORY_MIB
         } else {
@@ -173,12 +195,40 @@ impl QemuDriver {
         QemuVm::start(
             &qemu,
             &args,
+            jail,
+            taps,
             paths,
             config.console_log.clone(),
             config.memory_mib.max(1) * 1024 * 1024,
             start_timeout,
             template_dir.is_some(),
         )
+    }
+}
+
+impl QemuDriver {
+    /// qemu's jail (`jail.rs`): its root is mounted on `<state_dir>/jail`, in qemu's own
+    /// mount namespace. The console log is made here (root's alone) so that it can be bound.
+    fn jail(&self, config: &VmConfig, template_dir: Option<&Path>) -> Result<jail::Jail, String> {
+        // The real path: the state dir may be a /proc/<pid>/fd alias, which names a mount of
+        // this namespace, not of qemu's.
+        let root = std::fs::canonicalize(&config.state_dir)
+            .map_err(|e| format!("resolving {}: {e}", config.state_dir.display()))?
+            .join("jail");
+        match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("creating {}: {e}", root.display())),
+        }
+        if !config.console_log.as_os_str().is_empty() {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&config.console_log)
+                .map_err(|e| format!("creating {}: {e}", config.console_log.display()))?;
+        }
+        jail::Jail::new(config, &root, template_dir.as_slice())
     }
 }
 

@@ -10,8 +10,9 @@
 //! status is recorded, so a signal never reaches a recycled pid.
 
 use std::fs::{self, OpenOptions};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -22,6 +23,7 @@ use runv_api::vmm_process::{EarlyExit, KILL_GRACE, VmmProcess, VmmTool};
 use runv_api::{Vm, VmExit, VmStats};
 
 use crate::cmdline::VmPaths;
+use crate::jail::Jail;
 use crate::qmp::Qmp;
 
 /// Prefix of the lines the driver itself writes into the log file (the rest is qemu's stderr).
@@ -60,10 +62,14 @@ pub struct QemuVm {
 impl QemuVm {
     /// Starts `program args` with stdout/stderr appended to the log file, and waits until qemu
     /// serves the agent socket and QMP (`start_timeout` in all). On failure qemu is killed and
-    /// the error carries qemu's last stderr line.
+    /// the error carries qemu's last stderr line. qemu enters `jail` before exec and inherits
+    /// `fds` (open taps named by fd on its command line).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         program: &Path,
         args: &[String],
+        jail: Option<Jail>,
+        fds: Vec<OwnedFd>,
         paths: VmPaths,
         console_log: PathBuf,
         guest_memory_bytes: u64,
@@ -93,7 +99,23 @@ impl QemuVm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        let raw_fds: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: the closure runs in the forked child before exec and makes system calls
+        // only (fcntl, and the jail's, on strings prepared before the fork): no allocation.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in &raw_fds {
+                    crate::tap::inherit(*fd)?;
+                }
+                match &jail {
+                    Some(jail) => jail.enter(),
+                    None => Ok(()),
+                }
+            });
+        }
         let process = VmmProcess::spawn(&QEMU, command, paths.log_file.clone(), log_offset)?;
+        // qemu has its copies now.
+        drop(fds);
 
         let vm = Self {
             process,

@@ -203,3 +203,121 @@ fn pc_machine_boots_too() {
     let log = fs::read_to_string(scratch.0.join("qemu.log")).unwrap();
     assert!(log.contains(" -M pc "), "{log}");
 }
+
+/// A capability set from /proc/PID/status (`CapBnd:` and the like), as a bit mask.
+fn cap_set(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+#[test]
+fn qemu_sees_only_its_own_vm_in_its_jail() {
+    let scratch = Scratch::new("jail");
+    let share = scratch.0.join("share");
+    fs::create_dir_all(&share).unwrap();
+    fs::write(share.join("file"), b"shared").unwrap();
+    let mut cfg = config(&scratch, "jail");
+    cfg.shared_dirs.push(runv_api::SharedDir {
+        tag: "data".into(),
+        host_path: share.clone(),
+        readonly: false,
+    });
+    let vm = QemuDriver::new()
+        .start(&cfg)
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    let pid = vm.pid();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+
+    // Its own mount namespace, whose root holds the VM's files and the system's programs.
+    assert_ne!(
+        fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    assert_eq!(fs::read(inside(&share.join("file"))).unwrap(), b"shared");
+    // The state directory (its sockets) at a short path of its own.
+    assert!(inside(&cfg.kernel).exists() && root.join("vm/qmp.sock").exists());
+    assert!(!inside(&cfg.state_dir).exists());
+    assert!(root.join("usr/bin").is_dir() && root.join("dev/null").exists());
+    // Nothing else of the host: no /sys, /root, /home, secrets or other files here, and of
+    // /proc only process directories (no sysctls), read-only.
+    for absent in [
+        "proc/sys",
+        "proc/sysrq-trigger",
+        "proc/kcore",
+        "sys/kernel",
+        "root",
+        "home",
+        "etc/shadow",
+        "etc/passwd",
+        "run",
+    ] {
+        assert!(!root.join(absent).exists(), "{absent} is visible to qemu");
+    }
+    let mut beside = fs::read_dir(inside(&scratch.0))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    beside.sort();
+    assert!(!beside.contains(&"qemu.log".to_string()), "{beside:?}");
+    // The share is data: a device node made in it cannot be opened through it.
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let share_mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == share.to_str())
+        .unwrap_or_else(|| panic!("no mount of the share in\n{mountinfo}"));
+    assert!(
+        share_mount.contains("nodev") && share_mount.contains("nosuid"),
+        "{share_mount}"
+    );
+    let proc_mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/proc"))
+        .unwrap_or_else(|| panic!("no /proc in\n{mountinfo}"));
+    assert!(
+        proc_mount.contains(" ro,") && proc_mount.contains("subset=pid"),
+        "{proc_mount}"
+    );
+
+    // The 9p file capabilities and nothing else: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
+    // MKNOD, SETFCAP.
+    let nine_p = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4 | 1 << 27 | 1 << 31;
+    assert_eq!(cap_set(pid, "CapBnd:"), nine_p);
+    assert_eq!(cap_set(pid, "CapPrm:") & !nine_p, 0);
+    assert_eq!(cap_set(pid, "CapInh:"), 0);
+
+    // The guest still boots and answers.
+    let client = agent(vm.take_agent_channel().unwrap(), &scratch);
+    let pong = client.request(Request::Ping, REQUEST_TIMEOUT).unwrap();
+    assert!(matches!(pong, ResponseBody::Pong { .. }), "{pong:?}");
+    vm.stop(Duration::ZERO).unwrap();
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+}
+
+#[test]
+fn a_vm_without_shares_runs_qemu_without_capabilities_and_jail_off_runs_it_as_before() {
+    let scratch = Scratch::new("nocaps");
+    let vm = QemuDriver::new()
+        .start(&config(&scratch, "nocaps"))
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    assert_eq!(cap_set(vm.pid(), "CapBnd:"), 0);
+    assert_eq!(cap_set(vm.pid(), "CapEff:"), 0);
+    drop(vm);
+
+    let mut cfg = config(&scratch, "nojail");
+    cfg.parameters.insert("jail".into(), "off".into());
+    let vm = QemuDriver::new()
+        .start(&cfg)
+        .unwrap_or_else(|e| panic!("start_vm: {e}\n{}", logs(&scratch)));
+    assert_eq!(
+        fs::read_link(format!("/proc/{}/ns/mnt", vm.pid())).unwrap(),
+        fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    drop(vm);
+    assert!(scratch.processes().is_empty(), "qemu still running");
+}

@@ -250,6 +250,47 @@ fn pod_members_come_and_go_while_the_pod_runs() {
     );
     assert!(!env.root.join("orphan").exists());
 
+    // A member the guest cannot create (a mount of no known type): create fails in one
+    // line, and nothing in the pod keeps its stdio open, so a caller reading it sees EOF.
+    let broken = member_bundle(&env, "broken", pid, &["true"]);
+    env.edit_spec(&broken, |s| {
+        s["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/broken", "type": "runv-no-such-fs", "source": "none",
+        }));
+    });
+    let mut create = env
+        .runv()
+        .args(["create", "--bundle"])
+        .arg(&broken)
+        .arg("broken")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = create.stdout.take().unwrap();
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut Vec::new());
+        let _ = eof_tx.send(());
+    });
+    let out = common::wait_output(create, std::time::Duration::from_secs(120), "create broken");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("runv-no-such-fs") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(
+        eof_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .is_ok(),
+        "the failed member's stdout stays open"
+    );
+    assert!(!env.root.join("broken").exists());
+    assert!(!env.root.join(SANDBOX_ID).join("mounts/c-broken").exists());
+    assert_eq!(exec(&env, SANDBOX_ID, &["echo", "pod-runs"]), "pod-runs");
+
     // The sandbox's end is the pod's: a running member stops (137) with its VM.
     let last = member_bundle(&env, "last", pid, &["sleep", "3600"]);
     run_detached(&env, &last, "last");

@@ -164,7 +164,7 @@ impl Cleanup {
         }
         crate::network::teardown(&std::mem::take(&mut self.network_links));
         if let Some(dir) = self.volumes.take() {
-            volumes::unmount_all_under(&dir.join("mounts"));
+            volumes::unmount_share(&dir);
         }
         if let Some((name, request)) = self.storage.take() {
             if let Some(s) = registry.storage(&name) {

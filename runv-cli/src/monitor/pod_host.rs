@@ -142,15 +142,6 @@ fn start_member(
         volumes::bind_sources(&mut spec, &host_dir, &volumes::guest_path(&rel), true)?;
 
         let ids = stdio::allocate(member.terminal, true);
-        let id = member.id.clone();
-        let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
-            AgentRequest::WindowSize {
-                container_id: id.clone(),
-                exec_id: None,
-                rows,
-                cols,
-            }
-        })?;
         let answer = agent_call(
             &monitor.client,
             AgentRequest::CreateContainer {
@@ -174,6 +165,24 @@ fn start_member(
             ResponseBody::Process { pid } => pid,
             other => bail!("unexpected answer to create: {other:?}"),
         };
+        // Attached once the process exists, as for an exec: a create that fails leaves no
+        // relay holding the member's stdio (its caller would wait for EOF forever). Nothing
+        // is lost: the guest's output waits in the channel until a sink is attached.
+        let id = member.id.clone();
+        let relay = stdio::start(&monitor.client, ids, host, move |rows, cols| {
+            AgentRequest::WindowSize {
+                container_id: id.clone(),
+                exec_id: None,
+                rows,
+                cols,
+            }
+        })
+        .inspect_err(|_| {
+            let request = AgentRequest::RemoveContainer {
+                id: member.id.clone(),
+            };
+            let _ = agent_call(&monitor.client, request);
+        })?;
         let (tx, rx) = channel();
         pod.members
             .lock()

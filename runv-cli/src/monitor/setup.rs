@@ -233,6 +233,7 @@ fn share_volumes(
             let share = volumes::share(dir);
             crate::state::private_dir(&share.host_path)
                 .with_context(|| format!("creating {}", share.host_path.display()))?;
+            volumes::make_propagating(&share.host_path)?;
             vm_config.shared_dirs.push(share);
         }
         None => {}

@@ -83,6 +83,30 @@ pub fn share(state_dir: &Path) -> SharedDir {
     }
 }
 
+/// Makes a pod sandbox's share a mount of its own that propagates: its members' rootfs and
+/// volumes are bound into it after qemu started, and qemu, in its own mount namespace (its
+/// jail), holds a slave copy of the share that sees them only so.
+pub fn make_propagating(dir: &Path) -> anyhow::Result<()> {
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("binding {} onto itself", dir.display()))?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .with_context(|| format!("making {} a shared mount", dir.display()))
+}
+
+/// Unmounts what is bound under `state_dir`'s share, and the share itself where it is a mount
+/// (a pod sandbox's, see [`make_propagating`]).
+pub fn unmount_share(state_dir: &Path) {
+    let dir = state_dir.join(DIR);
+    unmount_all_under(&dir);
+    let _ = umount2(&dir, MntFlags::MNT_DETACH);
+}
+
 /// Where a pod member's rootfs and volumes go in its sandbox's share: the host directory,
 /// and its path relative to the share.
 pub fn member_dir(sandbox_dir: &Path, id: &str) -> (PathBuf, String) {

@@ -250,23 +250,36 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     wait_output(child, timeout, &format!("{cmd:?}"))
 }
 
+/// How long the output may stay open after the command exited: a process it started (a
+/// detached container, or a monitor holding an exec's stdio) may keep the pipe open; the
+/// output so far is returned then, instead of waiting for the last writer.
+const OUTPUT_GRACE: Duration = Duration::from_secs(10);
+
+/// Reads `pipe` to its end into a buffer shared with the caller; says when it is done.
+fn collect(
+    pipe: Option<impl Read + Send + 'static>,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (done, done_rx) = std::sync::mpsc::channel();
+    let shared = std::sync::Arc::clone(&buf);
+    std::thread::spawn(move || {
+        if let Some(mut pipe) = pipe {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                shared.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        }
+        let _ = done.send(());
+    });
+    (buf, done_rx)
+}
+
 pub fn wait_output(mut child: Child, timeout: Duration, what: &str) -> Output {
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_end(&mut v);
-        }
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut v);
-        }
-        v
-    });
+    let (stdout, out_done) = collect(child.stdout.take());
+    let (stderr, err_done) = collect(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -279,10 +292,16 @@ pub fn wait_output(mut child: Child, timeout: Duration, what: &str) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let grace = Instant::now() + OUTPUT_GRACE;
+    for done in [out_done, err_done] {
+        let _ = done.recv_timeout(grace.saturating_duration_since(Instant::now()));
+    }
+    let take =
+        |b: std::sync::Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
     Output {
         status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
+        stdout: take(stdout),
+        stderr: take(stderr),
     }
 }
 
