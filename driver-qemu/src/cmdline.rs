@@ -259,10 +259,9 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
 pub const TCG_CPU: &str = "max,-erms,-fsrm";
 
 /// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
-/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. QEMU
-/// runs as root all the same, because its 9p shares (security_model=none) write files as any
-/// guest uid into root-owned rootfs and volumes; what it can reach is limited by its jail
-/// (`jail.rs`). `spawn=deny` also rules out `exec:` migration URIs (use `fd:`).
+/// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. What
+/// it can reach besides is limited by its jail (`jail.rs`). `spawn=deny` also rules out
+/// `exec:` migration URIs (use `fd:`).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// The same for a template VM or a clone, which save or load their device state through an
 /// `exec:cat` migration URI: spawning is allowed for those until the migration goes through

@@ -1,15 +1,16 @@
-//! QEMU's jail: qemu runs as root (its 9p shares write files as any guest uid), so what a guest
-//! that takes over qemu can reach is limited by what qemu can see and which capabilities it has.
+//! QEMU's jail: what a guest that takes over qemu can reach is what qemu can see and do.
 //! Before exec, in the forked child, qemu gets its own mount namespace whose root is an empty
 //! tmpfs holding only what this VM needs, bound at the same paths as on the host so that the
-//! command line stays as it is: the system's programs and libraries (read-only), a few device
-//! nodes, the VM's own state directory, kernel, initrd, disks, shares and template files.
-//! No `/sys`, no other container's files, and of `/proc` only the process directories
-//! (read-only: 9p changes modes through `/proc/self/fd`). Its capability bounding set keeps only
-//! the file capabilities that 9p needs when the VM has shares (none otherwise), so it cannot
-//! mount, load modules, ptrace, use raw I/O or configure the network: taps come as open fds.
-//! Shares and the state directory are `nodev,nosuid` in the jail, so that a device node made
-//! through 9p (CAP_MKNOD) cannot be opened by qemu.
+//! command line stays as it is (the state directory, which may be a `/proc/<pid>/fd` alias,
+//! at [`STATE_DIR`]): the system's programs and libraries (read-only), a few device nodes,
+//! the VM's kernel, initrd, disks, shares and template files. No `/sys`, no other container's
+//! files, and of `/proc` only the process directories (read-only: 9p changes modes through
+//! `/proc/self/fd`). Then qemu becomes a user of its own, keeping as ambient capabilities only
+//! what its devices need: the file capabilities 9p uses to write as the guest's users when
+//! the VM has shares, DAC_OVERRIDE alone otherwise (root's /dev/kvm, disks, state dir). It
+//! cannot mount, load modules, ptrace, signal root's processes or configure the network:
+//! taps come as open fds. Shares and the state directory are `nodev,nosuid,noexec` in the
+//! jail, so that a device node made through 9p (CAP_MKNOD) cannot be opened by qemu.
 //!
 //! Everything is computed before fork; the child only makes system calls on prepared C strings.
 
@@ -21,6 +22,11 @@ use nix::libc;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::Mode;
 use runv_api::VmConfig;
+
+/// qemu's uid and gid when not given: this base plus the monitor's pid, so that each VM's
+/// qemu is a user of its own (it cannot signal another's) while it runs; far above the ranges
+/// distributions hand out to users and to user namespaces (subuid).
+pub const ID_BASE: u32 = 0x6000_0000;
 
 /// Capabilities kept when the VM has shares: what QEMU's 9p `local` backend uses to create
 /// files as the guest's uid and mode (chown, chmod, utimes, mknod, file capabilities) in
@@ -112,8 +118,11 @@ pub struct Jail {
     /// The monitor's working directory, where relative paths on qemu's command line start
     /// (made in the jail; the bound files under it are there).
     cwd: Option<CString>,
-    /// Bit n set: capability n stays in the bounding set.
+    /// Bit n set: capability n stays (bounding, permitted, effective, ambient).
     keep_caps: u64,
+    /// Who qemu runs as.
+    uid: u32,
+    gid: u32,
     last_cap: u32,
 }
 
@@ -212,7 +221,12 @@ impl Jail {
     /// The jail of the VM `config`, whose tmpfs root is mounted on `root` (an empty directory
     /// in the VM's state directory). `extra` are more host paths qemu opens (a template's
     /// directory), bound read-write.
-    pub fn new(config: &VmConfig, root: &Path, extra: &[&Path]) -> Result<Self, String> {
+    pub fn new(
+        config: &VmConfig,
+        root: &Path,
+        extra: &[&Path],
+        (uid, gid): (u32, u32),
+    ) -> Result<Self, String> {
         let mut b = Builder {
             root: root.to_path_buf(),
             dirs: Vec::new(),
@@ -274,10 +288,11 @@ impl Jail {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(40u32)
             .min(63);
+        // Without shares: only to open what is bound in (root's /dev/kvm, disks, state dir).
         let keep_caps = if shares {
             SHARE_CAPS.iter().fold(0u64, |m, c| m | 1 << c)
         } else {
-            0
+            1 << CAP_DAC_OVERRIDE
         };
         let mut binds = b
             .binds
@@ -316,6 +331,8 @@ impl Jail {
             cwd: cwd.as_deref().map(cstring).transpose()?,
             proc: cstring(&proc)?,
             keep_caps,
+            uid,
+            gid,
             last_cap,
         })
     }
@@ -457,47 +474,70 @@ impl Jail {
         self.drop_capabilities()
     }
 
+    /// Becomes `uid`/`gid` (no supplementary groups) keeping only `keep_caps`, as ambient
+    /// capabilities so that they survive the exec of qemu (and of the `cat` a template's
+    /// migration runs): an escaped qemu is not root, cannot signal root's processes or other
+    /// VMs' qemu (each has a uid of its own), and holds nothing but what its devices need.
     fn drop_capabilities(&self) -> std::io::Result<()> {
-        for cap in 0..=self.last_cap {
-            if !self.keeps(cap) {
-                // SAFETY: prctl with integer arguments only.
-                let r =
-                    unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-                if r != 0 {
-                    return Err(std::io::Error::last_os_error());
+        let check = |r: libc::c_long| {
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: prctl, setgroups, setres[ug]id, capget and capset with integer arguments
+        // or pointers to locals alive for the call; no allocation.
+        unsafe {
+            // While still root with CAP_SETPCAP.
+            for cap in 0..=self.last_cap {
+                if !self.keeps(cap) {
+                    check(
+                        libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0).into(),
+                    )?;
                 }
             }
-        }
-        // SAFETY: prctl with integer arguments only.
-        unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0,
-                0,
-                0,
-            )
-        };
-        // A root exec gets the bounding set as permitted, plus the inheritable set: clear it.
-        let mut header = CapHeader {
-            version: CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let mut data = [CapData {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        // SAFETY: capget/capset with a v3 header and the two data words it needs.
-        unsafe {
-            if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
+            check(
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+                .into(),
+            )?;
+            check(libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0).into())?;
+            check(libc::setgroups(0, std::ptr::null()).into())?;
+            check(libc::setresgid(self.gid, self.gid, self.gid).into())?;
+            check(libc::setresuid(self.uid, self.uid, self.uid).into())?;
+            let mut header = CapHeader {
+                version: CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let mut data = [CapData {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            for (i, d) in data.iter_mut().enumerate() {
+                let word = (self.keep_caps >> (32 * i)) as u32;
+                (d.effective, d.permitted, d.inheritable) = (word, word, word);
             }
-            for d in &mut data {
-                d.inheritable = 0;
-            }
-            if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
+            check(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()))?;
+            for cap in 0..=self.last_cap {
+                if self.keeps(cap) {
+                    check(
+                        libc::prctl(
+                            libc::PR_CAP_AMBIENT,
+                            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                            cap as libc::c_ulong,
+                            0,
+                            0,
+                        )
+                        .into(),
+                    )?;
+                }
             }
         }
         Ok(())
@@ -536,7 +576,7 @@ mod tests {
             host_path: dir.join("missing-disk"),
             readonly: false,
         });
-        let jail = Jail::new(&c, &dir.join("vm/jail"), &[]).unwrap();
+        let jail = Jail::new(&c, &dir.join("vm/jail"), &[], (7, 8)).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
 
         let root = dir.join("vm/jail");
@@ -575,9 +615,16 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_without_shares_keeps_no_capability() {
-        let jail = Jail::new(&config(Path::new("/nonexistent")), Path::new("/j"), &[]).unwrap();
-        assert_eq!(jail.keep_caps, 0);
+    fn a_vm_without_shares_keeps_only_dac_override() {
+        let jail = Jail::new(
+            &config(Path::new("/nonexistent")),
+            Path::new("/j"),
+            &[],
+            (7, 8),
+        )
+        .unwrap();
+        assert_eq!(jail.keep_caps, 1 << CAP_DAC_OVERRIDE);
+        assert_eq!((jail.uid, jail.gid), (7, 8));
     }
 
     #[test]

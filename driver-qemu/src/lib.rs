@@ -7,7 +7,8 @@
 //! * `parameters["qemu"]`: the qemu binary (default: `qemu-system-x86_64` from `PATH`).
 //! * `parameters["start_timeout_ms"]`: how long `start_vm` waits for qemu (default 30000).
 //! * `parameters["jail"]` = `on` (default) | `off`: qemu in its own mount namespace with only
-//!   its VM's files and a reduced capability bounding set (`jail.rs`).
+//!   its VM's files, as an unprivileged user with only the capabilities its devices need
+//!   (`jail.rs`); `parameters["uid"]`: that user (default: one of its own per VM).
 //! * Agent channel: a virtio-serial port named `org.runv.agent`, backed by a unix socket in the
 //!   state dir that the driver connects to and hands over.
 //! * QMP on `<state_dir>/qmp.sock`, for pause/resume/quit; qemu's stderr and the driver's own
@@ -228,7 +229,13 @@ impl QemuDriver {
                 .open(&config.console_log)
                 .map_err(|e| format!("creating {}: {e}", config.console_log.display()))?;
         }
-        jail::Jail::new(config, &root, template_dir.as_slice())
+        let id = match config.parameters.get("uid") {
+            Some(uid) => uid
+                .parse()
+                .map_err(|_| format!("invalid uid {uid:?} (a number)"))?,
+            None => jail::ID_BASE + std::process::id(),
+        };
+        jail::Jail::new(config, &root, template_dir.as_slice(), (id, id))
     }
 }
 

@@ -471,3 +471,51 @@ fn overlay_storage_leaves_the_bundle_untouched() {
     assert!(bundle.join("rootfs/bin/true").symlink_metadata().is_ok());
     env.assert_clean();
 }
+
+/// qemu runs jailed as a user of its own with only the 9p file capabilities: what a container
+/// does to its rootfs still lands on the host as it would under runc (owner, group, set-uid
+/// bit, a root-only file read).
+#[test]
+fn files_the_container_makes_keep_its_owners_and_modes_on_the_host() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new("owners");
+    let bundle = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "mkdir /made && touch /made/f && chown 123:456 /made/f && chmod 4750 /made/f \
+             && cat /etc/root-only",
+        ],
+    );
+    fs::write(bundle.join("rootfs/etc/root-only"), "secret\n").unwrap();
+    fs::set_permissions(
+        bundle.join("rootfs/etc/root-only"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    env.edit_spec(&bundle, |s| {
+        for set in [
+            "bounding",
+            "effective",
+            "permitted",
+            "inheritable",
+            "ambient",
+        ] {
+            s["process"]["capabilities"][set] =
+                serde_json::json!(["CAP_CHOWN", "CAP_FOWNER", "CAP_FSETID", "CAP_DAC_OVERRIDE"]);
+        }
+    });
+    let out = env.run(
+        env.runv().args(["run", "--bundle"]).arg(&bundle).arg("own"),
+        180,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "secret\n");
+    let dir = fs::metadata(bundle.join("rootfs/made")).unwrap();
+    assert_eq!((dir.uid(), dir.gid()), (0, 0));
+    let file = fs::metadata(bundle.join("rootfs/made/f")).unwrap();
+    assert_eq!((file.uid(), file.gid()), (123, 456));
+    assert_eq!(file.mode() & 0o7777, 0o4750);
+    env.assert_clean();
+}
