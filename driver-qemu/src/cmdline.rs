@@ -261,13 +261,8 @@ pub const TCG_CPU: &str = "max,-erms,-fsrm";
 /// QEMU's seccomp filter: a guest that escapes into QEMU cannot call obsolete syscalls, gain
 /// privileges (setuid/setgid/capset), fork or exec, or change scheduling or affinity. What
 /// it can reach besides is limited by its jail (`jail.rs`). `spawn=deny` also rules out
-/// `exec:` migration URIs (use `fd:`).
+/// `exec:` migration URIs: templates save and load their state through `fd:`.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
-/// The same for a template VM or a clone, which save or load their device state through an
-/// `exec:cat` migration URI: spawning is allowed for those until the migration goes through
-/// an `fd:` handed over QMP (getfd) instead.
-pub const SANDBOX_TEMPLATING: &str =
-    "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny";
 
 /// The arguments for `qemu-system-x86_64` (without the program name).
 pub fn build_args(
@@ -279,14 +274,7 @@ pub fn build_args(
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     let templating = config.memory_file.is_some() || config.restore_from.is_some();
-    push(&[
-        "-sandbox",
-        if templating {
-            SANDBOX_TEMPLATING
-        } else {
-            SANDBOX
-        },
-    ]);
+    push(&["-sandbox", SANDBOX]);
     if !config.name.is_empty() {
         push(&["-name", &escape(&config.name)]);
     }
@@ -632,9 +620,12 @@ mod tests {
         assert!(balloon(&cfg));
         cfg.memory_file = Some("/t/memory".into());
         assert!(!balloon(&cfg), "a template VM");
+        // Their state goes through an fd: no spawning for them either.
+        assert_eq!(values(&args(&cfg, &tcg_microvm()), "-sandbox"), [SANDBOX]);
         cfg.memory_file = None;
         cfg.restore_from = Some("/t".into());
         assert!(!balloon(&cfg), "a clone");
+        assert_eq!(values(&args(&cfg, &tcg_microvm()), "-sandbox"), [SANDBOX]);
     }
 
     #[test]

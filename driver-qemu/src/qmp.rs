@@ -77,6 +77,11 @@ impl Qmp {
         self.writer
             .write_all(line.as_bytes())
             .map_err(|e| format!("sending QMP {command}: {e}"))?;
+        self.reply(command)
+    }
+
+    /// Reads up to the reply of `command` (events are skipped).
+    fn reply(&mut self, command: &str) -> Result<Value, String> {
         loop {
             let message = self.read_message()?;
             if let Some(value) = message.get("return") {
@@ -91,6 +96,31 @@ impl Qmp {
             }
             // Anything else ({"event": ...}) is not the reply: skip it.
         }
+    }
+
+    /// Hands `fd` to qemu under `name` (QMP `getfd`, the fd riding along as SCM_RIGHTS), for
+    /// a later `fd:NAME` URI: qemu then needs neither the file's path nor a shell.
+    pub fn send_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd) -> Result<(), String> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let mut line = json!({"execute": "getfd", "arguments": {"fdname": name}}).to_string();
+        line.push('\n');
+        let fds = [fd.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            self.writer.as_raw_fd(),
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("sending QMP getfd: {e}"))?;
+        if sent != line.len() {
+            // The fd went with the first bytes; the rest of the line follows.
+            self.writer
+                .write_all(&line.as_bytes()[sent..])
+                .map_err(|e| format!("sending QMP getfd: {e}"))?;
+        }
+        self.reply("getfd").map(drop)
     }
 
     /// `query-status`'s `status`, e.g. `running` or `paused`.

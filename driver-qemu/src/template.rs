@@ -2,12 +2,15 @@
 //! clones restored from it with that file mapped privately (copy-on-write).
 //!
 //! Checked with QEMU 7.2 (see ARCHITECTURE.md §2): `x-ignore-shared` makes `migrate` skip RAM
-//! blocks backed by a shared file, so the state is ~50 KB; 7.2 has no `file:` URI (hence
-//! `exec:cat`) and the capability cannot be set on the command line (hence QMP on both sides).
+//! blocks backed by a shared file, so the state is ~50 KB; 7.2 has no `file:` URI, so the
+//! state file goes to qemu open, by QMP `getfd` (an `fd:` URI: no shell, so qemu's sandbox
+//! denies spawning for templates too), and the capability cannot be set on the command line
+//! (hence QMP on both sides).
 //! A clone runs with `-S`: it stays paused after the state is loaded until we `cont`, after
 //! its agent channel is connected (the template's host was connected when it was saved; a
 //! host connected before the load keeps the guest from seeing its port close).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -63,23 +66,27 @@ fn ignore_shared(vm: &QemuVm) -> Result<(), String> {
     .map(drop)
 }
 
-/// A path for a `exec:` URI, which qemu runs with `/bin/sh -c`.
-fn shell_path(path: &Path) -> Result<String, String> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| format!("path {} is not UTF-8", path.display()))?;
-    Ok(format!("'{}'", s.replace('\'', r"'\''")))
-}
+/// The name the state file's fd has in qemu (`getfd`).
+const STATE_FD: &str = "runv-state";
 
 /// Pauses the VM and writes its device state to `dir/state` (the RAM stays in its file).
 /// The VM stays paused; the caller ends it.
 pub fn save(vm: &QemuVm, dir: &Path) -> Result<(), String> {
     let state = dir.join(runv_api::TEMPLATE_STATE_FILE);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&state)
+        .map_err(|e| format!("creating {}: {e}", state.display()))?;
     vm.qmp_call("stop", None)?;
     ignore_shared(vm)?;
-    vm.qmp_call(
+    vm.qmp_call_with_file(
+        STATE_FD,
+        &file,
         "migrate",
-        Some(json!({"uri": format!("exec:cat > {}", shell_path(&state)?)})),
+        Some(json!({"uri": format!("fd:{STATE_FD}")})),
     )?;
     let deadline = Instant::now() + MIGRATE_TIMEOUT;
     loop {
@@ -108,10 +115,14 @@ pub fn save(vm: &QemuVm, dir: &Path) -> Result<(), String> {
 /// resumes it.
 pub fn load(vm: &QemuVm, template_dir: &Path) -> Result<(), String> {
     let state = template_dir.join(runv_api::TEMPLATE_STATE_FILE);
+    let file =
+        std::fs::File::open(&state).map_err(|e| format!("opening {}: {e}", state.display()))?;
     ignore_shared(vm)?;
-    vm.qmp_call(
+    vm.qmp_call_with_file(
+        STATE_FD,
+        &file,
         "migrate-incoming",
-        Some(json!({"uri": format!("exec:cat {}", shell_path(&state)?)})),
+        Some(json!({"uri": format!("fd:{STATE_FD}")})),
     )?;
     // qemu exits when the state does not fit the machine: its stderr says why.
     let deadline = Instant::now() + MIGRATE_TIMEOUT;
@@ -167,11 +178,5 @@ mod tests {
         assert!(args.last().unwrap().ends_with("share=on"));
         assert!(!args.contains(&"-incoming".to_string()));
         assert!(memory_args(&mut vec![], Path::new("/m"), 1, true, false).is_err());
-    }
-
-    #[test]
-    fn shell_quoting_of_state_paths() {
-        assert_eq!(shell_path(Path::new("/a b/state")).unwrap(), "'/a b/state'");
-        assert_eq!(shell_path(Path::new("/a'b")).unwrap(), r"'/a'\''b'");
     }
 }

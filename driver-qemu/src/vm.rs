@@ -223,6 +223,24 @@ impl QemuVm {
         Qmp::connect(&self.paths.qmp_socket, QMP_TIMEOUT)?.execute(command, arguments)
     }
 
+    /// Hands `file` to qemu as `name` and runs one command (which names it as `fd:NAME`) on
+    /// the same QMP connection, unless qemu has exited.
+    pub(crate) fn qmp_call_with_file(
+        &self,
+        name: &str,
+        file: &std::fs::File,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        if self.process.has_exited() {
+            return Err("the VM has already exited".into());
+        }
+        let _guard = self.qmp.lock().unwrap_or_else(|e| e.into_inner());
+        let mut qmp = Qmp::connect(&self.paths.qmp_socket, QMP_TIMEOUT)?;
+        qmp.send_fd(name, std::os::fd::AsFd::as_fd(file))?;
+        qmp.execute(command, arguments)
+    }
+
     /// Whether qemu has exited, and why, from its stderr.
     pub(crate) fn exit_error(&self) -> Option<String> {
         self.process.has_exited().then(|| self.early_exit_error())
