@@ -296,3 +296,34 @@ fn pod_members_come_and_go_while_the_pod_runs() {
     run_detached(&env, &last, "last");
     end_pod(&env, &["last"]);
 }
+
+/// The sandbox's monitor SIGKILLed: its VM goes with it, the members read stopped, and
+/// deleting them and the sandbox leaves no mount (the share is a mount of its own, made to
+/// propagate into qemu's jail), no process and no state.
+#[test]
+fn a_killed_sandbox_monitor_leaves_nothing_after_delete() {
+    let env = Env::new("podkill");
+    let pid = start_sandbox(&env);
+    let member = member_bundle(&env, "member", pid, &["sleep", "3600"]);
+    run_detached(&env, &member, "member");
+    let share = env.root.join(SANDBOX_ID).join("mounts");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mountinfo.contains(&format!(" {} ", share.display())),
+        "the pod's share is not a mount of its own"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(60, "the pod's VM to end", || {
+        qemu_pids_for(&env.dir).is_empty()
+    });
+    wait_until(60, "the member to read stopped", || {
+        env.state("member")["status"] == "stopped"
+    });
+    env.run_ok(env.runv().args(["delete", "member"]), 60);
+    env.run_ok(env.runv().args(["delete", SANDBOX_ID]), 60);
+    env.assert_clean();
+}
