@@ -161,7 +161,12 @@ pub struct QemuOptions {
     /// Open taps, one per network interface in order (`fd=`); without one, qemu attaches to
     /// the tap by name, which needs CAP_NET_ADMIN.
     pub tap_fds: Vec<i32>,
+    /// TCG's translation cache in MiB (`parameters["tb_size"]`).
+    pub tb_size_mib: u32,
 }
+
+/// TCG's translation cache when the parameters name none.
+pub const DEFAULT_TB_SIZE_MIB: u32 = 32;
 
 /// Files the VM uses, derived from the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +296,12 @@ pub fn build_args(
         // / `rep stosq` or vector loops instead of `rep movsb` / `rep stosb`, which TCG runs one
         // byte per iteration: every copy in the guest (pipes, stdio, page clearing) was several
         // times slower (BENCHMARKS.md, exec).
-        Accel::Tcg => push(&["-accel", "tcg,tb-size=32", "-cpu", TCG_CPU]),
+        Accel::Tcg => push(&[
+            "-accel",
+            &format!("tcg,tb-size={}", options.tb_size_mib),
+            "-cpu",
+            TCG_CPU,
+        ]),
     }
     let memory = if config.memory_mib == 0 {
         DEFAULT_MEMORY_MIB
@@ -463,6 +473,7 @@ mod tests {
             machine: Machine::Microvm,
             tsc_khz: Some(2_600_000),
             tap_fds: Vec::new(),
+            tb_size_mib: DEFAULT_TB_SIZE_MIB,
         }
     }
 

@@ -6,6 +6,7 @@
 //!   ([`choose_accel`]); `parameters["accel"]` = `kvm` | `tcg` | `auto` forces it.
 //! * `parameters["qemu"]`: the qemu binary (default: `qemu-system-x86_64` from `PATH`).
 //! * `parameters["start_timeout_ms"]`: how long `start_vm` waits for qemu (default 30000).
+//! * `parameters["tb_size"]`: TCG's translation cache in MiB (default 32).
 //! * `parameters["jail"]` = `on` (default) | `off`: qemu in its own mount namespace with only
 //!   its VM's files, as an unprivileged user with only the capabilities its devices need
 //!   (`jail.rs`); `parameters["uid"]`: that user (default: one of its own per VM).
@@ -151,6 +152,14 @@ impl QemuDriver {
             machine,
             tsc_khz: self.host.tsc_khz,
             tap_fds: taps.iter().map(AsRawFd::as_raw_fd).collect(),
+            tb_size_mib: match param("tb_size") {
+                None => cmdline::DEFAULT_TB_SIZE_MIB,
+                Some(mib) => mib
+                    .parse()
+                    .ok()
+                    .filter(|m| (1..=4096).contains(m))
+                    .ok_or_else(|| format!("invalid tb_size {mib:?} (MiB, 1 to 4096)"))?,
+            },
         };
         let jail = match param("jail") {
             Some("off") => None,
