@@ -498,6 +498,14 @@ mod tests {
         assert_eq!(values(&a, "-sandbox"), [SANDBOX]);
         assert_eq!(values(&a, "-M"), ["microvm,acpi=on"]);
         assert_eq!(values(&a, "-accel"), ["tcg,tb-size=32"]);
+        let small = QemuOptions {
+            tb_size_mib: 16,
+            ..tcg_microvm()
+        };
+        assert_eq!(
+            values(&args(&config(), &small), "-accel"),
+            ["tcg,tb-size=16"]
+        );
         assert_eq!(values(&a, "-cpu"), ["max,-erms,-fsrm"]);
         assert_eq!(values(&a, "-m"), ["128M"]);
         assert_eq!(values(&a, "-smp"), ["2"]);
