@@ -448,15 +448,38 @@ impl Jail {
         // ptrace access, which qemu, without capabilities, does not have over root's.
         let proc_flags =
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
-        step(
-            "mounting /proc",
+        let new_proc = |options: &std::ffi::CStr| {
             mount(
                 Some(c"proc"),
                 self.proc.as_c_str(),
                 Some(c"proc"),
                 proc_flags,
-                Some(c"subset=pid"),
-            ),
+                Some(options),
+            )
+        };
+        // Kernels before 5.8 lack `subset=pid`; where no new procfs may be mounted at all (a
+        // container whose /proc has masked paths), the host's, read-only.
+        let host_proc = || {
+            mount(
+                Some(c"/proc"),
+                self.proc.as_c_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            mount(
+                None::<&str>,
+                self.proc.as_c_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | proc_flags,
+                None::<&str>,
+            )
+        };
+        step(
+            "mounting /proc",
+            new_proc(c"subset=pid")
+                .or_else(|_| new_proc(c""))
+                .or_else(|_| host_proc()),
         )?;
         step(
             "entering the root",
