@@ -103,7 +103,7 @@ pub fn create(monitor: &Monitor, stream: &UnixStream, member: PodContainer, fds:
 fn start_member(
     monitor: &Monitor,
     member: PodContainer,
-    mut fds: Vec<OwnedFd>,
+    fds: Vec<OwnedFd>,
 ) -> anyhow::Result<(i32, Receiver<ExitStatus>, std::path::PathBuf)> {
     let pod = monitor
         .pod
@@ -118,19 +118,7 @@ fn start_member(
     if member.id == monitor.id || pod.is_member(&member.id) {
         bail!("container with id exists: {}", member.id);
     }
-    let host = match (member.terminal, fds.len()) {
-        (true, 1) => HostStdio::Tty(fds.remove(0)),
-        (false, 3) => {
-            let stderr = fds.remove(2);
-            let stdout = fds.remove(1);
-            HostStdio::Plain {
-                stdin: Some(fds.remove(0)),
-                stdout,
-                stderr,
-            }
-        }
-        (_, n) => bail!("a pod member needs 3 stdio fds (or 1 with a terminal), got {n}"),
-    };
+    let host = HostStdio::from_fds(member.terminal, fds, "a pod member")?;
     let (host_dir, rel) = volumes::member_dir(&monitor.dir, &member.id);
     let r = (|| {
         let rootfs = host_dir.join("rootfs");

@@ -242,7 +242,7 @@ pub(super) fn exec(
     container_id: &str,
     process: serde_json::Value,
     tty: bool,
-    mut fds: Vec<OwnedFd>,
+    fds: Vec<OwnedFd>,
 ) {
     let mut code = None;
     let mut phases = runv_proto::Phases::start(crate::logging::debug_enabled());
@@ -252,19 +252,7 @@ pub(super) fn exec(
             require_status(monitor, &[Status::Running], "exec into")?;
         }
         phases.mark("status");
-        let host = match (tty, fds.len()) {
-            (true, 1) => HostStdio::Tty(fds.remove(0)),
-            (false, 3) => {
-                let stderr = fds.remove(2);
-                let stdout = fds.remove(1);
-                HostStdio::Plain {
-                    stdin: Some(fds.remove(0)),
-                    stdout,
-                    stderr,
-                }
-            }
-            (_, n) => bail!("exec needs 3 stdio fds (or 1 with a tty), got {n}"),
-        };
+        let host = HostStdio::from_fds(tty, fds, "exec")?;
         let exec_id = format!("exec-{}", NEXT_EXEC.fetch_add(1, Ordering::SeqCst));
         let ids = stdio::allocate(tty, true);
         let (tx, rx) = std::sync::mpsc::channel();

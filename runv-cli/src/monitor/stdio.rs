@@ -37,6 +37,26 @@ pub enum HostStdio {
     Tty(OwnedFd),
 }
 
+impl HostStdio {
+    /// The stdio fds a client sent over the control socket: one terminal, or stdin, stdout
+    /// and stderr. `who` names the process for the error (`exec`, `a pod member`).
+    pub fn from_fds(tty: bool, mut fds: Vec<OwnedFd>, who: &str) -> anyhow::Result<Self> {
+        Ok(match (tty, fds.len()) {
+            (true, 1) => HostStdio::Tty(fds.remove(0)),
+            (false, 3) => {
+                let stderr = fds.remove(2);
+                let stdout = fds.remove(1);
+                HostStdio::Plain {
+                    stdin: Some(fds.remove(0)),
+                    stdout,
+                    stderr,
+                }
+            }
+            (_, n) => anyhow::bail!("{who} needs 3 stdio fds (or 1 with a tty), got {n}"),
+        })
+    }
+}
+
 /// The running relay; `wait_output` waits for the guest's output to be written out.
 pub struct Relay {
     outputs: Vec<OutputHandle>,
