@@ -1,41 +1,19 @@
 //! Opening a host tap device by name (the core creates it, persistent, and connects it to the
 //! container's network).
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 
-use nix::libc;
-
-// TUNSETIFF is `_IOW('T', 202, int)` but takes a `struct ifreq`.
-nix::ioctl_write_ptr_bad!(
-    tun_set_iff,
-    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
-    libc::ifreq
-);
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 /// Attaches to the tap `name` as `IFF_TAP | IFF_NO_PI`, non-blocking.
 pub fn open(name: &str) -> Result<File, String> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-        return Err(format!("bad tap device name {name:?}"));
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("opening /dev/net/tun for tap {name}: {e}"))?;
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: the fd is a tun device and `ifr` a valid, NUL-terminated ifreq that outlives
-    // the call.
-    unsafe { tun_set_iff(file.as_raw_fd(), &ifr) }
-        .map_err(|e| format!("attaching to tap {name}: {e}"))?;
-    Ok(file)
+    let fd = runv_api::tap::attach(name, 0)?;
+    fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| format!("making tap {name} non-blocking: {e}"))?;
+    Ok(fd.into())
 }
 
 /// `aa:bb:cc:dd:ee:ff` as bytes.

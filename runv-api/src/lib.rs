@@ -33,6 +33,7 @@ mod capabilities;
 mod client;
 mod config;
 mod host;
+pub mod tap;
 pub mod vmm_process;
 
 pub use abi::{

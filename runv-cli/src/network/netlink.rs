@@ -227,29 +227,12 @@ pub fn set_mtu_up(name: &str, mtu: u32) -> anyhow::Result<()> {
     set_link(name, Some(mtu))
 }
 
-/// Creates a persistent tap device (no packet info header) that QEMU opens by name.
+/// Creates a persistent tap device (no packet info header) that the VMM's driver opens by
+/// name.
 pub fn create_tap(name: &str) -> anyhow::Result<()> {
     use nix::libc;
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        bail!("bad tap name {name:?}");
-    }
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun")?;
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes the ifreq we pass, alive for the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut ifr) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
-    }
+    let tun = runv_api::tap::attach(name, 0).map_err(anyhow::Error::msg)?;
     // SAFETY: TUNSETPERSIST takes an integer argument.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error()).context("TUNSETPERSIST");
