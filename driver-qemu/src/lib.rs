@@ -214,9 +214,7 @@ impl QemuDriver {
             template_dir.is_some(),
         )
     }
-}
 
-impl QemuDriver {
     /// qemu's jail (`jail.rs`): its root is mounted on `<state_dir>/jail`, in qemu's own
     /// mount namespace. The console log is made here (root's alone) so that it can be bound.
     fn jail(&self, config: &VmConfig, template_dir: Option<&Path>) -> Result<jail::Jail, String> {
