@@ -13,7 +13,8 @@ PACKAGES=(
     protobuf-compiler # the CRI pod test's client: k8s-cri generates its gRPC code with protoc
     runc              # the no-VM reference in `cargo xtask bench`
     pkg-config
-    libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically)
+    libseccomp-dev    # the guest agent applies OCI seccomp profiles (linked statically); virtiofsd
+    libcap-ng-dev     # building virtiofsd (scripts/virtiofsd.sh) for kvm-native's shared directories
     dmsetup           # storage-devmapper's tests observe the pool with it; its udev rules end dm's udev syncs
     libdevmapper-dev libclang-dev   # building storage-devmapper: the devicemapper crate's bindgen reads dm-ioctl.h
     man-db bash-completion   # tests of the generated man pages and completions

@@ -33,6 +33,8 @@ cargo xtask guest
 # runv's own kernel (target/guest/runv): from the cache outside the clone when its config and
 # source are unchanged; a cold build takes minutes (BENCHMARKS.md).
 time cargo xtask kernel
+# virtiofsd for kvm-native's shared directories (built once into the same cache).
+bash scripts/virtiofsd.sh
 
 echo "== tests (Debian's kernel, the default)"
 cargo test --workspace --no-fail-fast

@@ -9,8 +9,9 @@
 //! * Devices: virtio-mmio (`virtio-queue`), described to the kernel by ACPI tables
 //!   (`acpi_tables`) because the stock Debian kernel cannot take them from its command line:
 //!   a virtio console (hvc0) is the agent channel, one virtio-blk per block device (the
-//!   rootfs found by its serial), one virtio-net per tap the core made. No shared
-//!   directories: the core turns a directory rootfs into an image for this driver.
+//!   rootfs found by its serial), one virtio-net per tap the core made, one virtio-fs per
+//!   shared directory where `virtiofsd` is installed ([`virtiofsd`]; elsewhere, and for
+//!   templates, the core turns a directory rootfs into an image for this driver).
 //! * The guest ends the VM by rebooting (`runv.exit=reboot`, `reboot=k`): the i8042 reset.
 //! * pause/resume park the vCPUs between two KVM_RUNs.
 //! * The vCPU and device threads run under seccomp allow-lists ([`sandbox`]).
@@ -36,17 +37,27 @@ pub mod snapshot;
 pub mod tap;
 pub mod vcpu;
 pub mod virtio;
+pub mod virtiofsd;
 pub mod vm;
 
 use runv_api::{Capabilities, Hypervisor, PluginInfo, PluginKind, Vm, VmConfig, export_hypervisor};
 
 pub use vm::KvmVm;
 
-/// What this driver can do.
+/// What this driver can do on any host.
 pub const CAPABILITIES: Capabilities = Capabilities::BLOCK_ROOTFS
     .union(Capabilities::PAUSE)
     .union(Capabilities::SNAPSHOT)
-    .union(Capabilities::TEMPLATE_DISKS);
+    .union(Capabilities::TEMPLATE_DISKS)
+    .union(Capabilities::NO_TEMPLATE_SHARES);
+
+/// What this driver can do here: share directories where virtiofsd is installed.
+pub fn capabilities() -> Capabilities {
+    match virtiofsd::find(None) {
+        Some(Ok(_)) => CAPABILITIES.union(Capabilities::SHARED_DIR_ROOTFS),
+        _ => CAPABILITIES,
+    }
+}
 
 pub struct KvmNativeDriver;
 
@@ -57,7 +68,7 @@ impl Hypervisor for KvmNativeDriver {
             name: "kvm-native".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             description: "in-process VMM on rust-vmm crates (KVM only)".into(),
-            capabilities: CAPABILITIES,
+            capabilities: capabilities(),
         }
     }
 

@@ -2,6 +2,8 @@
 //! a template VM (what the guest writes goes to the file, so the saved RAM is the file); that
 //! file mapped private for a clone (copy-on-write, as Firecracker restores: pages a clone
 //! never writes stay in the page cache, one copy for every clone, and the file never changes).
+//! A VM with virtio-fs has its RAM in a memfd mapped shared: the virtio-fs daemon maps the
+//! same memory to read requests from and write replies into.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,6 +17,8 @@ use crate::layout;
 
 pub enum Backing<'a> {
     Anonymous,
+    /// A memfd, for a VM whose RAM another process (virtiofsd) maps too.
+    Shared,
     /// A template's RAM file, created here.
     Template(&'a Path),
     /// A template's RAM file to clone.
@@ -26,6 +30,17 @@ pub fn guest_memory(memory_mib: u64, backing: Backing<'_>) -> Result<GuestMemory
     let bytes = memory_mib << 20;
     let (file, shared, path) = match backing {
         Backing::Anonymous => return layout::guest_memory(memory_mib),
+        Backing::Shared => {
+            let fd = nix::sys::memfd::memfd_create(
+                c"runv-guest-ram",
+                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            )
+            .map_err(|e| format!("memfd_create for the guest RAM: {e}"))?;
+            let file = File::from(fd);
+            file.set_len(bytes)
+                .map_err(|e| format!("sizing the guest RAM memfd: {e}"))?;
+            (file, true, Path::new("the guest RAM memfd"))
+        }
         Backing::Template(path) => {
             let file = OpenOptions::new()
                 .read(true)
@@ -86,7 +101,7 @@ pub fn guest_memory(memory_mib: u64, backing: Backing<'_>) -> Result<GuestMemory
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn a_template_writes_its_file_and_a_clone_does_not() {
@@ -115,5 +130,17 @@ mod tests {
         );
         let e = guest_memory(128, Backing::Clone(&path)).unwrap_err();
         assert!(e.contains("has 67108864 bytes, a VM of 128 MiB"), "{e}");
+    }
+
+    #[test]
+    fn shared_ram_is_a_file_another_process_can_map() {
+        let mem = guest_memory(64, Backing::Shared).unwrap();
+        mem.write_obj(0xfeed_u32, GuestAddress(0x10_0000)).unwrap();
+        let region = mem.iter().next().unwrap();
+        let offset = region.file_offset().expect("backed by the memfd");
+        // What the daemon maps through the fd it is sent sees what the guest wrote.
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(offset.file(), &mut word, 0x10_0000).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xfeed);
     }
 }

@@ -116,10 +116,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// What every VM of this driver needs from its config, booted or restored.
 pub(crate) fn check_config(config: &VmConfig) -> Result<u8, String> {
-    if !config.shared_dirs.is_empty() {
+    let templated = config.memory_file.is_some() || config.restore_from.is_some();
+    if !config.shared_dirs.is_empty() && templated {
         return Err(
-            "the kvm-native driver cannot share host directories (it has no 9p or \
-             virtio-fs device): give the container a block rootfs"
+            "a kvm-native template or clone cannot share host directories (virtio-fs \
+             needs the guest RAM shared with virtiofsd, a clone's is private): give it a \
+             block rootfs"
                 .into(),
         );
     }
@@ -154,6 +156,9 @@ pub(crate) fn devices_for(
             .map_err(|e| format!("opening the disk {}: {e}", disk.host_path.display()))?;
         devices.push(Box::new(virtio::Block::new(file, disk.readonly, &disk.id)?));
     }
+    for (i, share) in config.shared_dirs.iter().enumerate() {
+        devices.push(Box::new(share_device(config, i, share)?));
+    }
     for nic in &config.network_interfaces {
         let mac = crate::tap::parse_mac(&nic.mac)?;
         let mtu = u16::try_from(nic.mtu).unwrap_or(u16::MAX);
@@ -165,6 +170,33 @@ pub(crate) fn devices_for(
         devices.push(Box::new(virtio::Net::new(tap, mac, mtu)));
     }
     Ok(devices)
+}
+
+/// The virtio-fs device for a shared directory, with its daemon.
+fn share_device(
+    config: &VmConfig,
+    index: usize,
+    share: &runv_api::SharedDir,
+) -> Result<virtio::Fs, String> {
+    let binary = crate::virtiofsd::find(config.parameters.get("virtiofsd").map(String::as_str))
+        .unwrap_or_else(|| {
+            Err(format!(
+                "sharing {} needs virtiofsd, which this host lacks (or {} is off)",
+                share.host_path.display(),
+                crate::virtiofsd::ENV
+            ))
+        })?;
+    let socket = config.state_dir.join(format!("fs{index}.sock"));
+    virtio::Fs::new(
+        &share.tag,
+        &share.host_path,
+        share.readonly,
+        &virtio::FsBackend {
+            binary: &binary,
+            socket: &socket,
+            log: config.log_file.as_deref(),
+        },
+    )
 }
 
 /// Puts `devices` on the bus: a window, a GSI (irqfd) and a queue-notify ioeventfd per queue
@@ -236,6 +268,7 @@ impl KvmVm {
         let ranges = layout::ram_ranges(config.memory_mib)?;
         let backing = match &config.memory_file {
             Some(path) => Backing::Template(path),
+            None if !config.shared_dirs.is_empty() => Backing::Shared,
             None => Backing::Anonymous,
         };
         // Before the VM, so that on an early return it is dropped after the VM.
@@ -514,9 +547,15 @@ impl Vm for KvmVm {
         })
     }
 
-    /// The VMM is this process: there is no separate VMM process to account for or kill.
+    /// The VMM is this process; only the virtio-fs daemons are processes of their own.
     fn pids(&self) -> Vec<u32> {
-        Vec::new()
+        self.with_machine(|m| {
+            Ok(m.transports
+                .iter()
+                .filter_map(|t| lock(t).device_process())
+                .collect())
+        })
+        .unwrap_or_default()
     }
 
     fn stats(&self) -> Result<VmStats, String> {

@@ -147,17 +147,7 @@ impl Modules {
                 }
             }
         }
-        let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
-            return;
-        };
-        let mut ids: Vec<u32> = dir
-            .flatten()
-            .filter_map(|d| std::fs::read_to_string(d.path().join("device")).ok())
-            .filter_map(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
+        for id in virtio_device_ids() {
             let wanted: &[&str] = match id {
                 1 => &["virtio_net"],
                 2 => &["virtio_blk"],
@@ -166,6 +156,7 @@ impl Modules {
                 5 => &["virtio_balloon"],
                 9 => &["9pnet_virtio", "9p"],
                 19 => &["vmw_vsock_virtio_transport"],
+                VIRTIO_ID_FS => &["virtiofs"],
                 _ => &[],
             };
             for m in wanted {
@@ -175,6 +166,29 @@ impl Modules {
             }
         }
     }
+}
+
+/// The virtio device id of virtio-fs.
+const VIRTIO_ID_FS: u32 = 26;
+
+/// The virtio device ids on the bus (`/sys/bus/virtio/devices/*/device`), sorted, once each.
+fn virtio_device_ids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u32> = dir
+        .flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("device")).ok())
+        .filter_map(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether the VM has a virtio-fs device: its shares are virtio-fs then, not 9p.
+pub fn has_virtio_fs() -> bool {
+    virtio_device_ids().contains(&VIRTIO_ID_FS)
 }
 
 /// The Xen front-end drivers a Xen guest may need.

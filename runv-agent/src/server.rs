@@ -446,11 +446,26 @@ impl Agent {
         Ok(ResponseBody::Process { pid })
     }
 
-    /// Mounts the 9p share `tag` under /run/runv/shares once and returns where: a tag can be
+    /// Mounts the share `tag` (9p, or virtio-fs) under /run/runv/shares once and returns where: a tag can be
     /// mounted only once, so containers using it get bind mounts of that.
     fn ensure_share(&self, tag: &str) -> Result<PathBuf, AgentError> {
         let share = Path::new(SHARES).join(tag.replace('/', "_"));
         let mut shares = lock(&self.shares);
+        if !shares.contains(tag) && crate::modules::has_virtio_fs() {
+            // The kvm-native driver shares by virtio-fs (no driver mixes it with 9p).
+            self.modules.ensure("virtiofs").map_err(err)?;
+            std::fs::create_dir_all(&share)
+                .map_err(|e| err(format!("mkdir {}: {e}", share.display())))?;
+            mount(
+                Some(tag),
+                &share,
+                Some("virtiofs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| err(format!("mount virtio-fs share {tag:?}: {e}")))?;
+            shares.insert(tag.to_string());
+        }
         if !shares.contains(tag) {
             // Xen shares 9p over its own transport (driver-xen's `p9 =`).
             let (transport, trans) = if crate::modules::on_xen() {

@@ -23,8 +23,13 @@ impl Capabilities {
     /// `host_path`), and its clones bring their own disks into those slots (the guest sees
     /// their size change), so containers with a block rootfs can start from templates.
     pub const TEMPLATE_DISKS: Self = Self(1 << 6);
+    /// With [`Self::SNAPSHOT`] and [`Self::SHARED_DIR_ROOTFS`]: a clone cannot take shared
+    /// directories (virtio-fs needs the guest RAM shared with its daemon, and a clone's RAM
+    /// is a private mapping of its template's). Where templates are in use the core gives
+    /// such a driver what it would give one without shared directories (a block rootfs).
+    pub const NO_TEMPLATE_SHARES: Self = Self(1 << 7);
 
-    const NAMES: [(Self, &'static str); 7] = [
+    const NAMES: [(Self, &'static str); 8] = [
         (Self::SHARED_DIR_ROOTFS, "shared-dir-rootfs"),
         (Self::BLOCK_ROOTFS, "block-rootfs"),
         (Self::PAUSE, "pause"),
@@ -32,6 +37,7 @@ impl Capabilities {
         (Self::SNAPSHOT, "snapshot"),
         (Self::VSOCK, "vsock"),
         (Self::TEMPLATE_DISKS, "template-disks"),
+        (Self::NO_TEMPLATE_SHARES, "no-template-shares"),
     ];
 
     pub const fn union(self, other: Self) -> Self {
@@ -40,6 +46,10 @@ impl Capabilities {
 
     pub const fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
+    }
+
+    pub const fn without(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
     }
 
     /// Names of the known bits that are set, in a fixed order.

@@ -30,6 +30,8 @@ const MODULES: &[&str] = &[
     "overlay",
     "vmw_vsock_virtio_transport",
     "virtio_net",
+    // Shares of the kvm-native driver (virtio-fs, with fuse).
+    "virtiofs",
     // Free page reporting in the qemu driver's cold VMs.
     "virtio_balloon",
     // Xen guests (driver-xen): block and network front-ends, 9p over Xen.

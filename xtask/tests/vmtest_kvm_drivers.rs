@@ -58,8 +58,18 @@ for spec in $DRIVERS; do
     name=${spec%%:*}
     flags=${spec#*:}
     step "$name: run"
-    timeout 120 runv $flags --root $R run --bundle "$B" run-$name </dev/null
+    timeout 120 runv $flags --root $R run --bundle "$B" run-$name </dev/null >/tmp/run.out
     echo "$name-RUN-RC=$?"
+    cat /tmp/run.out
+    sed -n "s/^ROOTFS-TYPE=/$name-ROOTFS-TYPE=/p" /tmp/run.out
+    # What the container wrote on its rootfs is in the bundle, as with runc (a shared
+    # directory; not where the driver got a copy of it as an image).
+    if [ "$(cat "$B/rootfs/written-by-guest" 2>/dev/null)" = written ]; then
+        echo "$name-WRITE-IN-BUNDLE=yes"
+    else
+        echo "$name-WRITE-IN-BUNDLE=no"
+    fi
+    rm -f "$B/rootfs/written-by-guest"
 
     step "$name: networking"
     timeout 120 runv $flags --root $R run --bundle "$PINGER" net-$name </dev/null >/tmp/net.out
@@ -96,10 +106,12 @@ for spec in $DRIVERS; do
     if [ -e $R/$id ] || [ -e $R/run-$name ]; then echo "$name-LEFTOVER=state"; fi
     if pgrep -f "runv __monitor" >/dev/null; then echo "$name-LEFTOVER=monitor"; fi
     if pgrep -x lkvm >/dev/null; then echo "$name-LEFTOVER=lkvm"; fi
+    if pgrep -x virtiofsd >/dev/null; then echo "$name-LEFTOVER=virtiofsd"; fi
     if pgrep qemu-system >/dev/null; then
         ps -eo pid,ppid,stat,etimes,args | grep '[q]emu-system' | cut -c1-200
         sleep 3
         if pgrep -x lkvm >/dev/null; then echo "$name-LEFTOVER=lkvm"; fi
+    if pgrep -x virtiofsd >/dev/null; then echo "$name-LEFTOVER=virtiofsd"; fi
     if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
     fi
 done
@@ -152,6 +164,40 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     for name in ["kvm-native", "qemu-kvm"] {
         check_driver(&stdout, name, &all);
     }
+    // qemu shares the bundle's directory by 9p; kvm-native by virtio-fs where virtiofsd is
+    // installed (scripts/test.sh builds it), else it copies it into an image.
+    assert_eq!(value(&stdout, "qemu-kvm-ROOTFS-TYPE"), Some("9p"), "{all}");
+    assert_eq!(
+        value(&stdout, "qemu-kvm-WRITE-IN-BUNDLE"),
+        Some("yes"),
+        "{all}"
+    );
+    let (fs_type, in_bundle) = if virtiofsd_installed() {
+        ("virtiofs", "yes")
+    } else {
+        println!("kvm-native: no virtiofsd here, so its rootfs is an image copy");
+        ("ext4", "no")
+    };
+    assert_eq!(
+        value(&stdout, "kvm-native-ROOTFS-TYPE"),
+        Some(fs_type),
+        "{all}"
+    );
+    assert_eq!(
+        value(&stdout, "kvm-native-WRITE-IN-BUNDLE"),
+        Some(in_bundle),
+        "{all}"
+    );
+}
+
+/// Whether kvm-native finds a virtiofsd (the test host sees this machine's `/`).
+fn virtiofsd_installed() -> bool {
+    std::env::var_os("RUNV_VIRTIOFSD").is_none()
+        && (["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+            .iter()
+            .any(|p| Path::new(p).is_file())
+            || std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .any(|d| d.join("virtiofsd").is_file()))
 }
 
 /// The same steps on a real kvmtool (`lkvm`), where one is installed.
@@ -223,7 +269,13 @@ fn drive(
     make_bundle(
         &runv,
         &bundle,
-        &["sh", "-c", "echo \"CONTAINER-KERNEL=$(uname -r)\"; exit 42"],
+        &[
+            "sh",
+            "-c",
+            "echo \"CONTAINER-KERNEL=$(uname -r)\"; \
+             echo \"ROOTFS-TYPE=$(awk '$2 == \"/\" {print $3}' /proc/mounts)\"; \
+             echo written > /written-by-guest; exit 42",
+        ],
     );
     let sleeper = dir.0.join("sleeper");
     make_bundle(&runv, &sleeper, &["sleep", "600"]);

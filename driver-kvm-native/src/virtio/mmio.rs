@@ -146,6 +146,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The device's helper process, if it has one.
+    pub fn device_process(&self) -> Option<u32> {
+        self.device.process()
+    }
+
     /// Whether the driver started the device (DRIVER_OK) and it has not been reset since.
     pub fn activated(&self) -> bool {
         self.activated

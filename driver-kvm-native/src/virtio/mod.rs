@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod state;
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::Block;
 pub use console::Console;
+pub use fs::{Fs, FsBackend};
 pub use mmio::MmioTransport;
 pub use net::Net;
 
@@ -170,5 +172,9 @@ pub trait VirtioDevice: Send {
     /// Chains taken from a queue and not yet returned, as (queue, head).
     fn in_flight(&self) -> Vec<(u16, u16)> {
         Vec::new()
+    }
+    /// A process that serves this device (virtiofsd), whose PID the core records.
+    fn process(&self) -> Option<u32> {
+        None
     }
 }

@@ -37,7 +37,7 @@ pub(super) fn setup(
     let netns = enter_host_context(config, &bundle)?;
     let hypervisor = registry.choose_hypervisor(Some(&config.driver))?;
     let prepared = prepare_storage(config, dir, registry, &bundle, cleanup)?;
-    let driver_caps = hypervisor.client.info().capabilities;
+    let driver_caps = usable_capabilities(config, hypervisor.client.info().capabilities);
     let prepared = fit_rootfs(config, dir, driver_caps, prepared)?;
     tracing::debug!(phase = "rootfs-ready", "rootfs ready");
     let (mut vm_config, rootfs) = vm_config(config, dir, &prepared)?;
@@ -124,6 +124,19 @@ fn prepare_storage(
         .map_err(|e| anyhow::anyhow!("storage driver {name}: preparing the rootfs: {e}"));
     cleanup.storage = Some((name.clone(), request));
     prepared
+}
+
+/// What the driver can do for this container: where templates are in use, what its clones
+/// can do.
+fn usable_capabilities(
+    config: &MonitorConfig,
+    caps: runv_api::Capabilities,
+) -> runv_api::Capabilities {
+    if config.template == crate::templates::Mode::Off {
+        caps
+    } else {
+        crate::templates::clone_capabilities(caps)
+    }
 }
 
 /// A directory for a driver that cannot share directories becomes an ext4 image.

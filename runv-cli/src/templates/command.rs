@@ -64,8 +64,7 @@ fn create(ctx: &Ctx, dir: PathBuf, a: &CreateArgs) -> anyhow::Result<()> {
     let parameters = crate::commands::create::hypervisor_parameters(ctx, info.name.as_str(), &vm)?;
     // As the monitor decides: the rootfs is a share where the driver can share directories,
     // else a disk (a directory becomes an image), and volumes need a share.
-    let can_share = info
-        .capabilities
+    let can_share = super::clone_capabilities(info.capabilities)
         .contains(runv_api::Capabilities::SHARED_DIR_ROOTFS);
     let (mut shares, disks) = if can_share {
         (vec![crate::monitor::ROOTFS_TAG.to_string()], Vec::new())

@@ -19,6 +19,18 @@ mod mode;
 
 pub use mode::{Mode, validate_name};
 
+/// What a driver can do for a container started from a template (or for which one is made):
+/// a driver whose clones cannot take shared directories is treated as one without them, so
+/// that such containers get the template's device set (a disk for the rootfs, no shares).
+pub fn clone_capabilities(caps: runv_api::Capabilities) -> runv_api::Capabilities {
+    use runv_api::Capabilities as C;
+    if caps.contains(C::SNAPSHOT.union(C::NO_TEMPLATE_SHARES)) {
+        caps.without(C::SHARED_DIR_ROOTFS)
+    } else {
+        caps
+    }
+}
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -353,6 +365,20 @@ mod tests {
             "vcpus":1,"memory_mib":128,"shares":["rootfs"],"nics":0,"parameters":{}}"#;
         let parsed: Shape = serde_json::from_str(old).unwrap();
         assert_eq!(parsed, shape());
+    }
+
+    #[test]
+    fn clones_of_a_driver_without_template_shares_get_disks() {
+        use runv_api::Capabilities as C;
+        let kvm_native =
+            C::SHARED_DIR_ROOTFS | C::BLOCK_ROOTFS | C::SNAPSHOT | C::NO_TEMPLATE_SHARES;
+        let caps = clone_capabilities(kvm_native);
+        assert!(!caps.contains(C::SHARED_DIR_ROOTFS) && caps.contains(C::BLOCK_ROOTFS));
+        // qemu's clones bring their own 9p exports; without snapshots the bit means nothing.
+        let qemu = C::SHARED_DIR_ROOTFS | C::SNAPSHOT;
+        assert_eq!(clone_capabilities(qemu), qemu);
+        let no_snapshot = C::SHARED_DIR_ROOTFS | C::NO_TEMPLATE_SHARES;
+        assert_eq!(clone_capabilities(no_snapshot), no_snapshot);
     }
 
     #[test]
