@@ -163,6 +163,17 @@ pub struct QemuOptions {
     pub tap_fds: Vec<i32>,
     /// TCG's translation cache in MiB (`parameters["tb_size"]`).
     pub tb_size_mib: u32,
+    /// The agent channel is a vsock ([`crate::vsock`]) instead of a virtio-serial port.
+    pub agent_vsock: Option<AgentVsock>,
+}
+
+/// A vhost-vsock device for the agent channel: its CID (claimed on `vhost_fd` already), the
+/// fd qemu inherits, and the host port the agent connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentVsock {
+    pub cid: u32,
+    pub vhost_fd: i32,
+    pub port: u32,
 }
 
 /// TCG's translation cache when the parameters name none.
@@ -252,6 +263,9 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
     {
         params.push(format!("tsc_early_khz={khz}"));
     }
+    if let Some(v) = options.agent_vsock {
+        params.push(format!("runv.channel=vsock:2:{}", v.port));
+    }
     let extra = config.kernel_params.trim();
     if !extra.is_empty() {
         params.push(extra.to_string());
@@ -339,18 +353,32 @@ pub fn build_args(
         ]);
     }
 
-    // Agent channel.
-    push(&[
-        "-device",
-        &options.machine.virtio("serial"),
-        "-chardev",
-        &format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            opt_path(&paths.agent_socket)?
-        ),
-        "-device",
-        &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
-    ]);
+    // Agent channel: a vsock served by the host kernel, or a virtio-serial port.
+    match options.agent_vsock {
+        Some(v) => push(&[
+            "-device",
+            &format!(
+                "{},guest-cid={},vhostfd={}",
+                match options.machine {
+                    Machine::Microvm => "vhost-vsock-device",
+                    Machine::Pc => "vhost-vsock-pci",
+                },
+                v.cid,
+                v.vhost_fd
+            ),
+        ]),
+        None => push(&[
+            "-device",
+            &options.machine.virtio("serial"),
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                opt_path(&paths.agent_socket)?
+            ),
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        ]),
+    }
 
     // Free page reporting: the guest hands the host back the memory it does not use. QEMU
     // backs guest RAM with transparent huge pages, so a guest that touched a byte of every
@@ -474,6 +502,7 @@ mod tests {
             tsc_khz: Some(2_600_000),
             tap_fds: Vec::new(),
             tb_size_mib: DEFAULT_TB_SIZE_MIB,
+            agent_vsock: None,
         }
     }
 
@@ -527,6 +556,32 @@ mod tests {
         assert!(chardevs.contains(&"file,id=console,path=/run/runv/c1/console.log,append=on"));
         assert_eq!(values(&a, "-mon"), ["chardev=qmp,mode=control"]);
         assert_eq!(values(&a, "-serial"), ["chardev:console"]);
+    }
+
+    #[test]
+    fn a_vsock_agent_channel_replaces_the_serial_port() {
+        let vsock = QemuOptions {
+            accel: Accel::Kvm,
+            agent_vsock: Some(AgentVsock {
+                cid: 77,
+                vhost_fd: 9,
+                port: 1234,
+            }),
+            ..tcg_microvm()
+        };
+        let a = args(&config(), &vsock);
+        let devices = values(&a, "-device");
+        assert!(
+            devices.contains(&"vhost-vsock-device,guest-cid=77,vhostfd=9"),
+            "{devices:?}"
+        );
+        assert!(!devices.iter().any(|d| d.contains("serial")), "{devices:?}");
+        assert!(
+            !values(&a, "-chardev")
+                .iter()
+                .any(|c| c.contains("id=agent"))
+        );
+        assert!(values(&a, "-append")[0].contains(" runv.channel=vsock:2:1234"));
     }
 
     #[test]

@@ -10,8 +10,11 @@
 //! * `parameters["jail"]` = `on` (default) | `off`: qemu in its own mount namespace with only
 //!   its VM's files, as an unprivileged user with only the capabilities its devices need
 //!   (`jail.rs`); `parameters["uid"]`: that user (default: one of its own per VM).
-//! * Agent channel: a virtio-serial port named `org.runv.agent`, backed by a unix socket in the
-//!   state dir that the driver connects to and hands over.
+//! * Agent channel: with KVM where the host has `/dev/vhost-vsock`, a vsock the agent connects
+//!   to from the guest ([`vsock`]); else a virtio-serial port named `org.runv.agent`, backed by
+//!   a unix socket in the state dir that the driver connects to and hands over.
+//!   `parameters["channel"]` = `auto` (default) | `vsock` | `serial` forces it (templates and
+//!   clones always use virtio-serial).
 //! * QMP on `<state_dir>/qmp.sock`, for pause/resume/quit; qemu's stderr and the driver's own
 //!   diagnostics (lines starting with `runv-driver-qemu:`) go to the log file.
 
@@ -21,9 +24,10 @@ mod qmp;
 mod tap;
 mod template;
 mod vm;
+pub mod vsock;
 
 use std::env;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -147,7 +151,7 @@ impl QemuDriver {
             .filter(|nic| !nic.tap.is_empty())
             .map(|nic| tap::open(&nic.tap))
             .collect::<Result<Vec<_>, _>>()?;
-        let options = QemuOptions {
+        let mut options = QemuOptions {
             accel: choice.accel,
             machine,
             tsc_khz: self.host.tsc_khz,
@@ -160,7 +164,39 @@ impl QemuDriver {
                     .filter(|m| (1..=4096).contains(m))
                     .ok_or_else(|| format!("invalid tb_size {mib:?} (MiB, 1 to 4096)"))?,
             },
+            agent_vsock: None,
         };
+        let templating = template_dir.is_some() || config.memory_file.is_some();
+        let mut agent_vsock = match param("channel") {
+            Some("serial") => None,
+            Some("vsock") if templating => {
+                return Err("channel=vsock: templates and clones use virtio-serial".into());
+            }
+            Some("vsock") if !vsock::available() => {
+                return Err(format!("channel=vsock: this host has no {}", vsock::DEVICE));
+            }
+            Some("vsock") => Some(vsock::Vsock::new(std::process::id())?),
+            // vhost needs KVM's ioeventfds; templates migrate no vhost state.
+            None | Some("auto")
+                if vsock::available() && choice.accel == Accel::Kvm && !templating =>
+            {
+                Some(vsock::Vsock::new(std::process::id())?)
+            }
+            None | Some("auto") => None,
+            Some(other) => {
+                return Err(format!("invalid channel {other:?} (auto, vsock or serial)"));
+            }
+        };
+        let mut fds: Vec<OwnedFd> = taps;
+        if let Some(v) = agent_vsock.as_mut() {
+            let vhost = v.take_vhost().ok_or("the vsock has no vhost device")?;
+            options.agent_vsock = Some(cmdline::AgentVsock {
+                cid: v.cid,
+                vhost_fd: vhost.as_raw_fd(),
+                port: v.port,
+            });
+            fds.push(vhost);
+        }
         let jail = match param("jail") {
             Some("off") => None,
             None | Some("on") => Some(self.jail(config, template_dir)?),
@@ -206,7 +242,8 @@ impl QemuDriver {
             &qemu,
             &args,
             jail,
-            taps,
+            fds,
+            agent_vsock,
             paths,
             config.console_log.clone(),
             config.memory_mib.max(1) * 1024 * 1024,
@@ -284,7 +321,12 @@ impl Hypervisor for QemuDriver {
             capabilities: Capabilities::SHARED_DIR_ROOTFS
                 | Capabilities::BLOCK_ROOTFS
                 | Capabilities::PAUSE
-                | Capabilities::SNAPSHOT,
+                | Capabilities::SNAPSHOT
+                | if vsock::available() {
+                    Capabilities::VSOCK
+                } else {
+                    Capabilities::NONE
+                },
         }
     }
 

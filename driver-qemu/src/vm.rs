@@ -33,6 +33,9 @@ pub const LOG_PREFIX: &str = "runv-driver-qemu:";
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `stop` waits after QMP `quit` before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// How long the agent may take to boot and connect over vsock (a guest whose agent gives
+/// up powers off, which ends the wait sooner).
+const VSOCK_AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 static QEMU: VmmTool = VmmTool {
     name: "qemu",
@@ -55,6 +58,8 @@ pub struct QemuVm {
     console_log: PathBuf,
     guest_memory_bytes: u64,
     agent: runv_api::AgentChannel,
+    /// The vsock the agent connects to, until [`Vm::take_agent_channel`] accepts it.
+    agent_vsock: Mutex<Option<crate::vsock::Vsock>>,
     /// Serializes QMP operations: the QMP socket takes one client at a time.
     qmp: Mutex<()>,
 }
@@ -70,6 +75,7 @@ impl QemuVm {
         args: &[String],
         jail: Option<Jail>,
         fds: Vec<OwnedFd>,
+        agent_vsock: Option<crate::vsock::Vsock>,
         paths: VmPaths,
         console_log: PathBuf,
         guest_memory_bytes: u64,
@@ -117,19 +123,24 @@ impl QemuVm {
         // qemu has its copies now.
         drop(fds);
 
+        let over_vsock = agent_vsock.is_some();
         let vm = Self {
             process,
             paths,
             console_log,
             guest_memory_bytes,
             agent: runv_api::AgentChannel::default(),
+            agent_vsock: Mutex::new(agent_vsock),
             qmp: Mutex::new(()),
         };
         // On error `vm` is dropped, which kills and reaps qemu.
         // A VM being restored waits for its state (`-incoming defer`): that is its status.
         let expected = if restoring { "inmigrate" } else { "running" };
-        let agent = vm.connect_agent(Instant::now() + start_timeout, expected)?;
-        vm.agent.set(agent.into());
+        if let Some(agent) =
+            vm.connect_agent(Instant::now() + start_timeout, expected, !over_vsock)?
+        {
+            vm.agent.set(agent.into());
+        }
         Ok(vm)
     }
 
@@ -146,22 +157,30 @@ impl QemuVm {
     /// happens only once qemu has loaded the kernel and entered its main loop (a bad `-kernel`
     /// fails after the sockets exist). Polls every 10 ms, bounded by `deadline`, and notices
     /// qemu exiting at once.
-    fn connect_agent(&self, deadline: Instant, expected: &str) -> Result<UnixStream, String> {
-        let agent = loop {
-            if self.process.has_exited() {
-                return Err(self.early_exit_error());
-            }
-            match UnixStream::connect(&self.paths.agent_socket) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-                Err(e) => {
-                    return Err(format!(
-                        "qemu did not open the agent socket {} in time: {e}",
-                        self.paths.agent_socket.display()
-                    ));
+    fn connect_agent(
+        &self,
+        deadline: Instant,
+        expected: &str,
+        agent_socket: bool,
+    ) -> Result<Option<UnixStream>, String> {
+        let agent = agent_socket.then(|| {
+            loop {
+                if self.process.has_exited() {
+                    return Err(self.early_exit_error());
+                }
+                match UnixStream::connect(&self.paths.agent_socket) {
+                    Ok(stream) => break Ok(stream),
+                    Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                    Err(e) => {
+                        break Err(format!(
+                            "qemu did not open the agent socket {} in time: {e}",
+                            self.paths.agent_socket.display()
+                        ));
+                    }
                 }
             }
-        };
+        });
+        let agent = agent.transpose()?;
         // qemu creates its sockets one after the other: under load (a nested guest starting
         // qemu from a slow filesystem) the QMP socket can appear well after the agent's.
         let status = loop {
@@ -261,8 +280,20 @@ impl QemuVm {
 }
 
 impl Vm for QemuVm {
+    /// Over vsock this waits for the agent to connect (until it does, the VM ends, or
+    /// [`VSOCK_AGENT_TIMEOUT`] passes).
     fn take_agent_channel(&self) -> Result<OwnedFd, String> {
-        self.agent.take()
+        let vsock = self
+            .agent_vsock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match vsock {
+            Some(v) => v.accept(Instant::now() + VSOCK_AGENT_TIMEOUT, || {
+                self.process.has_exited()
+            }),
+            None => self.agent.take(),
+        }
     }
 
     fn console_log(&self) -> PathBuf {

@@ -137,7 +137,8 @@ pub fn main() -> ! {
         }
     };
     crate::info!(
-        "channel open after {:.0} ms",
+        "channel {} open after {:.0} ms",
+        c.channel.as_deref().unwrap_or("virtio-serial"),
         t0.elapsed().as_secs_f64() * 1e3
     );
     let writer = match channel.try_clone() {
@@ -173,7 +174,39 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
+/// `runv.channel=vsock:CID:PORT`: the host listens there (the qemu driver, with vhost-vsock).
+fn vsock_target(channel: &str) -> Option<(u32, u32)> {
+    let (cid, port) = channel.strip_prefix("vsock:")?.split_once(':')?;
+    Some((cid.parse().ok()?, port.parse().ok()?))
+}
+
+/// Connects to the host's vsock listener, retrying while the transport comes up.
+fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> Result<File, String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, VsockAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let start = Instant::now();
+    loop {
+        let attempt = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .and_then(|fd| connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map(|()| fd));
+        match attempt {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(e) if start.elapsed() > timeout => {
+                return Err(format!("no agent channel: vsock {cid}:{port}: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
 fn find_channel(c: &Cmdline, timeout: Duration) -> Result<File, String> {
+    if let Some((cid, port)) = c.channel.as_deref().and_then(vsock_target) {
+        return connect_vsock(cid, port, timeout);
+    }
     let start = Instant::now();
     loop {
         if let Some(dev) = find_port() {
@@ -210,5 +243,24 @@ fn make_raw(f: &File) {
     if let Ok(mut t) = tcgetattr(f.as_fd()) {
         cfmakeraw(&mut t);
         let _ = tcsetattr(f.as_fd(), SetArg::TCSANOW, &t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_channels_name_a_cid_and_a_port() {
+        assert_eq!(vsock_target("vsock:2:1234"), Some((2, 1234)));
+        for other in [
+            "/dev/hvc0",
+            "vsock:2",
+            "vsock:x:1",
+            "vsock:2:99999999999",
+            "",
+        ] {
+            assert_eq!(vsock_target(other), None, "{other}");
+        }
     }
 }

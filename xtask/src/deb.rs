@@ -65,12 +65,14 @@ const PLUGINS: &[Plugin] = &[
     Plugin {
         package: "runv-driver-kvm-native",
         file: "librunv_driver_kvm_native.so",
-        // A directory rootfs is copied into an ext4 image (mkfs.ext4 -d) for this driver.
+        // A directory rootfs is shared by virtio-fs where virtiofsd is installed (Debian 13
+        // packages it), else copied into an ext4 image (mkfs.ext4 -d).
         depends: "e2fsprogs",
-        recommends: "",
+        recommends: "virtiofsd",
         summary: "in-process KVM hypervisor driver for runv",
         description: "Runs runv's container VMs inside runv's monitor process on the rust-vmm\n\
-                      crates, with no VMM process. It needs a usable KVM (vmx or svm and /dev/kvm).",
+                      crates, with no VMM process. It needs a usable KVM (vmx or svm and /dev/kvm).\n\
+                      With virtiofsd, directories are shared into the VM by virtio-fs.",
     },
     Plugin {
         package: "runv-driver-kvmtool",

@@ -2,8 +2,11 @@
 //! (`xtask vmtest`: a TCG VM whose kvm-amd gives a real nested KVM), same kernel, initrd and
 //! bundle, interleaved round by round; and each driver's warm start, from a template of the
 //! bundle's shape made in the test host before the rounds (not timed: a template is made once
-//! per shape), against its own cold start. Absolute times are those of a nested guest under
-//! TCG (much slower than on hardware); the ratios are what carry over.
+//! per shape), against its own cold start. Then kvm-native's `runv create` of a bundle whose
+//! rootfs holds 10 MiB and one of 500 MiB, its directory shared by virtio-fs against copied
+//! into an image (`RUNV_VIRTIOFSD=off`, what the driver does without virtiofsd). Absolute
+//! times are those of a nested guest under TCG (much slower than on hardware); the ratios are
+//! what carry over.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,6 +28,23 @@ pub const TARGET_WARM_COLD_RATIO: f64 = 0.25;
 
 /// Where the test host keeps the templates (its /tmp is its own).
 const STORE: &str = "/tmp/tpl";
+
+/// The rootfs sizes (MiB) of the virtio-fs / image comparison.
+pub const ROOTFS_MIB: [u64; 2] = [10, 500];
+/// Its variants, as (name, environment): the name gets `-<size>`.
+const SHARE_VARIANTS: [(&str, &str); 2] = [("virtiofs", ""), ("image", "RUNV_VIRTIOFSD=off")];
+
+/// The virtio-fs / image variants in order: for each size, each way.
+pub fn share_variants() -> Vec<(String, u64, &'static str)> {
+    ROOTFS_MIB
+        .iter()
+        .flat_map(|mib| {
+            SHARE_VARIANTS
+                .iter()
+                .map(move |(n, env)| (format!("{n}-{mib}"), *mib, *env))
+        })
+        .collect()
+}
 
 /// Every variant timed in a round, as (name, runv flags): the drivers cold, then warm.
 pub fn variants() -> Vec<(String, String)> {
@@ -56,11 +76,27 @@ for i in $(seq "$RUNS"); do
         echo "NESTED $i $name $rc $(( (t1 - t0) / 1000 ))"
     done
 done
+for i in $(seq "$RUNS"); do
+    for v in SHARES; do
+        name=${v%%:*}; rest=${v#*:}; mib=${rest%%:*}; env=${rest#*:}
+        t0=$(date +%s%N)
+        env $env timeout 300 "$RUNV" --driver kvm-native --root /tmp/r create --bundle "$B-$mib" "s$i-$name" </dev/null >/dev/null 2>/tmp/err
+        rc=$?
+        t1=$(date +%s%N)
+        [ $rc -eq 0 ] || sed "s/^/$name: /" /tmp/err
+        timeout 60 "$RUNV" --root /tmp/r delete -f "s$i-$name" >/dev/null 2>&1
+        echo "SHARE $i $name $rc $(( (t1 - t0) / 1000 ))"
+    done
+done
 "#;
 
-/// One `NESTED round variant status micros` line.
+/// One `NESTED round variant status micros` line (or `SHARE ...` with `prefix` "SHARE ").
 pub fn parse_line(line: &str) -> Option<(usize, &str, i32, f64)> {
-    let mut w = line.strip_prefix("NESTED ")?.split_whitespace();
+    parse_prefixed(line, "NESTED ")
+}
+
+fn parse_prefixed<'a>(line: &'a str, prefix: &str) -> Option<(usize, &'a str, i32, f64)> {
+    let mut w = line.strip_prefix(prefix)?.split_whitespace();
     let round = w.next()?.parse().ok()?;
     let driver = w.next()?;
     let rc = w.next()?.parse().ok()?;
@@ -81,6 +117,42 @@ pub fn samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
         }
     }
     out
+}
+
+/// The virtio-fs / image samples, in [`share_variants`] order.
+pub fn share_samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
+    let variants = share_variants();
+    let mut out = vec![vec![None; runs]; variants.len()];
+    for (round, name, rc, secs) in output.lines().filter_map(|l| parse_prefixed(l, "SHARE ")) {
+        let Some(v) = variants.iter().position(|(n, _, _)| n == name) else {
+            continue;
+        };
+        if rc == 0 && (1..=runs).contains(&round) {
+            out[v][round - 1] = Some(secs);
+        }
+    }
+    out
+}
+
+/// A copy of `bundle` whose rootfs holds about `mib` MiB: a file of non-zero bytes (no holes
+/// for the image copy to skip) beside busybox.
+fn sized_bundle(bundle: &Path, mib: u64) -> Result<()> {
+    let copy = bundle.with_file_name(format!("bundle-{mib}"));
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(bundle)
+        .arg(&copy)
+        .status()
+        .context("cp -a")?;
+    anyhow::ensure!(st.success(), "copying {}", bundle.display());
+    let busybox_mib = std::fs::metadata(copy.join("rootfs/bin/busybox"))?.len() >> 20;
+    let mut filler = std::io::BufWriter::new(std::fs::File::create(copy.join("rootfs/filler"))?);
+    let block = [0x5au8; 1 << 20];
+    for _ in 0..mib.saturating_sub(busybox_mib) {
+        std::io::Write::write_all(&mut filler, &block)?;
+    }
+    std::io::Write::flush(&mut filler)?;
+    Ok(())
 }
 
 pub fn run(ws: &Path, release: &Path, runs: usize) -> Result<Value> {
@@ -108,6 +180,14 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
     spec["process"]["args"] = json!(["/bin/true"]);
     spec["root"]["readonly"] = json!(false);
     std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)?;
+    for mib in ROOTFS_MIB {
+        sized_bundle(&bundle, mib)?;
+    }
+    let shares = share_variants()
+        .iter()
+        .map(|(n, mib, env)| format!("\"{n}:{mib}:{env}\""))
+        .collect::<Vec<_>>()
+        .join(" ");
     let quote = |list: Vec<(String, String)>| -> String {
         list.iter()
             .map(|(n, f)| format!("\"{n}:{f}\""))
@@ -122,6 +202,7 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
     std::fs::write(
         &script,
         SCRIPT
+            .replace("SHARES", &shares)
             .replace("VARIANTS", &quote(variants()))
             .replace("DRIVERS", &quote(cold))
             .replace("STORE", STORE)
@@ -135,7 +216,7 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
             "vmtest",
             "--no-build",
             "--timeout",
-            &(300 + 90 * runs).to_string(),
+            &(600 + 300 * runs).to_string(),
             "--",
         ])
         .arg("sh")
@@ -170,14 +251,30 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
         let r = stats::paired_ratios(&samples[DRIVERS.len() + i], &samples[i]);
         warm.insert(name.to_string(), sum_json(stats::summarize(&r)));
     }
+    let shares = share_samples(&stdout, runs);
+    let mut share_times = serde_json::Map::new();
+    for (i, (name, _, _)) in share_variants().iter().enumerate() {
+        share_times.insert(
+            name.clone(),
+            json!({"seconds": sum_json(summary(&shares[i])), "samples": shares[i]}),
+        );
+    }
+    let mut share_ratios = serde_json::Map::new();
+    for (i, mib) in ROOTFS_MIB.iter().enumerate() {
+        let (virtiofs, image) = (&shares[2 * i], &shares[2 * i + 1]);
+        let r = stats::summarize(&stats::paired_ratios(virtiofs, image));
+        share_ratios.insert(mib.to_string(), sum_json(r));
+    }
     let errors: Vec<&str> = stdout
         .lines()
-        .filter(|l| !l.starts_with("NESTED "))
+        .filter(|l| !l.starts_with("NESTED ") && !l.starts_with("SHARE "))
         .collect();
     Ok(json!({
         "drivers": drivers,
         "kvm_native_to_qemu_kvm_paired": sum_json(ratio),
         "warm_to_cold_paired": warm,
+        "kvm_native_create": share_times,
+        "virtiofs_to_image_paired": share_ratios,
         "failed_run_output": errors,
     }))
 }
@@ -221,6 +318,28 @@ pub fn table(r: &Value) -> String {
             w["max"].as_f64().unwrap_or(f64::NAN),
         ));
     }
+    s.push_str(
+        "  kvm-native `runv create` (the rootfs shared by virtio-fs, or copied into an image):\n",
+    );
+    for (name, _, _) in share_variants() {
+        let d = &r["kvm_native_create"][&name]["seconds"];
+        s.push_str(&format!(
+            "    {name:<14} {:>6.2} s median (min {:.2}, max {:.2}, n {})\n",
+            d["median"].as_f64().unwrap_or(f64::NAN),
+            d["min"].as_f64().unwrap_or(f64::NAN),
+            d["max"].as_f64().unwrap_or(f64::NAN),
+            d["n"]
+        ));
+    }
+    for mib in ROOTFS_MIB {
+        let q = &r["virtiofs_to_image_paired"][mib.to_string()];
+        s.push_str(&format!(
+            "    {mib} MiB rootfs: virtio-fs / image, paired per round: {:.2}x (min {:.2}, max {:.2})\n",
+            q["median"].as_f64().unwrap_or(f64::NAN),
+            q["min"].as_f64().unwrap_or(f64::NAN),
+            q["max"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
     s
 }
 
@@ -240,6 +359,26 @@ mod tests {
         assert_eq!(s[3], [None, None]);
         assert_eq!(stats::paired_ratios(&s[0], &s[1]), [0.5]);
         assert_eq!(stats::paired_ratios(&s[2], &s[0]), [0.2]);
+    }
+
+    #[test]
+    fn share_lines_become_samples_per_size_and_way() {
+        let v = share_variants();
+        let names: Vec<&str> = v.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["virtiofs-10", "image-10", "virtiofs-500", "image-500"]
+        );
+        assert_eq!(v[1].2, "RUNV_VIRTIOFSD=off");
+        let out = "SHARE 1 virtiofs-10 0 2000000\nSHARE 1 image-10 0 4000000\n\
+                   NESTED 1 kvm-native 0 1\nSHARE 2 image-500 1 5\nSHARE 1 image-500 0 9000000\n";
+        let s = share_samples(out, 2);
+        assert_eq!(s[0], [Some(2.0), None]);
+        assert_eq!(s[1], [Some(4.0), None]);
+        assert_eq!(s[3], [Some(9.0), None]);
+        assert_eq!(stats::paired_ratios(&s[0], &s[1]), [0.5]);
+        // The share lines are not the drivers' rounds.
+        assert_eq!(samples(out, 2)[0], [Some(1e-6), None]);
     }
 
     #[test]
