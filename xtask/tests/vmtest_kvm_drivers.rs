@@ -87,6 +87,9 @@ for spec in $DRIVERS; do
     echo "$name-START-RC=$?"
     timeout 60 runv --root $R exec $id sh -c "echo $name-EXEC-OUT=\$(cat /proc/1/comm); exit 5"
     echo "$name-EXEC-RC=$?"
+    # The guest's virtio devices, by id (3 console/serial, 19 vsock, 26 fs...).
+    timeout 60 runv --root $R exec $id sh -c 'echo $(cat /sys/bus/virtio/devices/*/device)' |
+        sed "s/^/$name-VIRTIO-IDS=/"
     timeout 30 runv --root $R pause $id
     echo "$name-PAUSE-RC=$?"
     runv --root $R state $id | tr -d ' \n' | grep -o '"status":"[a-z]*"' | sed "s/^/$name-PAUSED-/"
@@ -164,6 +167,18 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     for name in ["kvm-native", "qemu-kvm"] {
         check_driver(&stdout, name, &all);
     }
+    // With KVM and vhost-vsock (the test host has both) qemu's agent channel is a vsock,
+    // not a virtio-serial port; everything above went through it.
+    let ids = value(&stdout, "qemu-kvm-VIRTIO-IDS").unwrap_or_default();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    assert!(
+        ids.contains(&"0x0013"),
+        "qemu-kvm has no vsock: {ids:?}\n{all}"
+    );
+    assert!(
+        !ids.contains(&"0x0003"),
+        "qemu-kvm still has a serial port: {ids:?}\n{all}"
+    );
     // qemu shares the bundle's directory by 9p; kvm-native by virtio-fs where virtiofsd is
     // installed (scripts/test.sh builds it), else it copies it into an image.
     assert_eq!(value(&stdout, "qemu-kvm-ROOTFS-TYPE"), Some("9p"), "{all}");

@@ -4,7 +4,9 @@
 //! bundle's shape made in the test host before the rounds (not timed: a template is made once
 //! per shape), against its own cold start. Then kvm-native's `runv create` of a bundle whose
 //! rootfs holds 10 MiB and one of 500 MiB, its directory shared by virtio-fs against copied
-//! into an image (`RUNV_VIRTIOFSD=off`, what the driver does without virtiofsd). Absolute
+//! into an image (`RUNV_VIRTIOFSD=off`, what the driver does without virtiofsd). Then
+//! qemu-kvm's agent channel, vsock (its default there) against virtio-serial
+//! (`channel=serial`): ten `runv exec /bin/true` and 64 MiB of a process's stdout. Absolute
 //! times are those of a nested guest under TCG (much slower than on hardware); the ratios are
 //! what carry over.
 
@@ -33,6 +35,20 @@ const STORE: &str = "/tmp/tpl";
 pub const ROOTFS_MIB: [u64; 2] = [10, 500];
 /// Its variants, as (name, environment): the name gets `-<size>`.
 const SHARE_VARIANTS: [(&str, &str); 2] = [("virtiofs", ""), ("image", "RUNV_VIRTIOFSD=off")];
+
+/// qemu-kvm's agent channels compared, as (name, the spec's hypervisor parameter).
+pub const CHANNELS: [(&str, &str); 2] = [("vsock", "channel=vsock"), ("serial", "channel=serial")];
+/// What the channel comparison pipes through a process's stdout.
+pub const STDOUT_MIB: u64 = 64;
+
+/// The channel samples' names: `<channel>-exec` (seconds per exec) and `<channel>-stdout`
+/// (seconds for [`STDOUT_MIB`]).
+pub fn channel_variants() -> Vec<String> {
+    CHANNELS
+        .iter()
+        .flat_map(|(c, _)| [format!("{c}-exec"), format!("{c}-stdout")])
+        .collect()
+}
 
 /// The virtio-fs / image variants in order: for each size, each way.
 pub fn share_variants() -> Vec<(String, u64, &'static str)> {
@@ -88,6 +104,27 @@ for i in $(seq "$RUNS"); do
         echo "SHARE $i $name $rc $(( (t1 - t0) / 1000 ))"
     done
 done
+for i in $(seq "$RUNS"); do
+    for ch in CHANNEL_NAMES; do
+        id="c$i-$ch"
+        timeout 120 "$RUNV" --driver qemu --accel kvm --root /tmp/r create --bundle "$B-sleep-$ch" "$id" </dev/null >/dev/null 2>/tmp/err &&
+            "$RUNV" --root /tmp/r start "$id" 2>>/tmp/err
+        rc=$?
+        [ $rc -eq 0 ] || sed "s/^/$ch: /" /tmp/err
+        t0=$(date +%s%N)
+        for k in 1 2 3 4 5 6 7 8 9 10; do
+            "$RUNV" --root /tmp/r exec "$id" /bin/true || rc=1
+        done
+        t1=$(date +%s%N)
+        echo "CHANNEL $i $ch-exec $rc $(( (t1 - t0) / 10000 ))"
+        t0=$(date +%s%N)
+        n=$("$RUNV" --root /tmp/r exec "$id" dd if=/dev/zero bs=1M count=STDOUT_MIB 2>/dev/null | wc -c)
+        t1=$(date +%s%N)
+        [ "$n" = $((STDOUT_MIB * 1048576)) ] && rc=0 || rc=1
+        echo "CHANNEL $i $ch-stdout $rc $(( (t1 - t0) / 1000 ))"
+        timeout 60 "$RUNV" --root /tmp/r delete -f "$id" >/dev/null 2>&1
+    done
+done
 "#;
 
 /// One `NESTED round variant status micros` line (or `SHARE ...` with `prefix` "SHARE ").
@@ -132,6 +169,41 @@ pub fn share_samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
         }
     }
     out
+}
+
+/// The channel samples, in [`channel_variants`] order.
+pub fn channel_samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
+    let variants = channel_variants();
+    let mut out = vec![vec![None; runs]; variants.len()];
+    for (round, name, rc, secs) in output.lines().filter_map(|l| parse_prefixed(l, "CHANNEL ")) {
+        let Some(v) = variants.iter().position(|n| n == name) else {
+            continue;
+        };
+        if rc == 0 && (1..=runs).contains(&round) {
+            out[v][round - 1] = Some(secs);
+        }
+    }
+    out
+}
+
+/// A sleeping container's bundle for each channel (`bundle-sleep-<channel>`).
+fn channel_bundles(bundle: &Path) -> Result<()> {
+    for (name, parameter) in CHANNELS {
+        let copy = bundle.with_file_name(format!("bundle-sleep-{name}"));
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(bundle)
+            .arg(&copy)
+            .status()
+            .context("cp -a")?;
+        anyhow::ensure!(st.success(), "copying {}", bundle.display());
+        let config = copy.join("config.json");
+        let mut spec: Value = serde_json::from_slice(&std::fs::read(&config)?)?;
+        spec["process"]["args"] = json!(["sleep", "600"]);
+        spec["vm"]["hypervisor"]["parameters"] = json!([parameter]);
+        std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)?;
+    }
+    Ok(())
 }
 
 /// A copy of `bundle` whose rootfs holds about `mib` MiB: a file of non-zero bytes (no holes
@@ -183,6 +255,8 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
     for mib in ROOTFS_MIB {
         sized_bundle(&bundle, mib)?;
     }
+    channel_bundles(&bundle)?;
+    let channel_names = CHANNELS.map(|(n, _)| n).join(" ");
     let shares = share_variants()
         .iter()
         .map(|(n, mib, env)| format!("\"{n}:{mib}:{env}\""))
@@ -203,6 +277,8 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
         &script,
         SCRIPT
             .replace("SHARES", &shares)
+            .replace("CHANNEL_NAMES", &channel_names)
+            .replace("STDOUT_MIB", &STDOUT_MIB.to_string())
             .replace("VARIANTS", &quote(variants()))
             .replace("DRIVERS", &quote(cold))
             .replace("STORE", STORE)
@@ -265,9 +341,26 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
         let r = stats::summarize(&stats::paired_ratios(virtiofs, image));
         share_ratios.insert(mib.to_string(), sum_json(r));
     }
+    let channels = channel_samples(&stdout, runs);
+    let mut channel_times = serde_json::Map::new();
+    for (i, name) in channel_variants().iter().enumerate() {
+        channel_times.insert(
+            name.clone(),
+            json!({"seconds": sum_json(summary(&channels[i])), "samples": channels[i]}),
+        );
+    }
+    // vsock against serial, paired per round: exec times and stdout times (lower is better).
+    let channel_ratios = json!({
+        "exec": sum_json(stats::summarize(&stats::paired_ratios(&channels[0], &channels[2]))),
+        "stdout": sum_json(stats::summarize(&stats::paired_ratios(&channels[1], &channels[3]))),
+    });
     let errors: Vec<&str> = stdout
         .lines()
-        .filter(|l| !l.starts_with("NESTED ") && !l.starts_with("SHARE "))
+        .filter(|l| {
+            !["NESTED ", "SHARE ", "CHANNEL "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
         .collect();
     Ok(json!({
         "drivers": drivers,
@@ -275,6 +368,8 @@ fn measure(ws: &Path, release: &Path, runs: usize, dir: &Path) -> Result<Value> 
         "warm_to_cold_paired": warm,
         "kvm_native_create": share_times,
         "virtiofs_to_image_paired": share_ratios,
+        "qemu_kvm_channel": channel_times,
+        "vsock_to_serial_paired": channel_ratios,
         "failed_run_output": errors,
     }))
 }
@@ -340,6 +435,23 @@ pub fn table(r: &Value) -> String {
             q["max"].as_f64().unwrap_or(f64::NAN)
         ));
     }
+    s.push_str("  qemu-kvm's agent channel (vsock, or virtio-serial):\n");
+    for (name, _) in CHANNELS {
+        let exec = &r["qemu_kvm_channel"][format!("{name}-exec")]["seconds"];
+        let out = &r["qemu_kvm_channel"][format!("{name}-stdout")]["seconds"];
+        let secs = out["median"].as_f64().unwrap_or(f64::NAN);
+        s.push_str(&format!(
+            "    {name:<7} exec /bin/true {:>6.1} ms median; stdout {STDOUT_MIB} MiB in {secs:.2} s ({:.0} MiB/s)\n",
+            exec["median"].as_f64().unwrap_or(f64::NAN) * 1e3,
+            STDOUT_MIB as f64 / secs,
+        ));
+    }
+    let v = &r["vsock_to_serial_paired"];
+    s.push_str(&format!(
+        "    vsock / serial, paired per round: exec {:.2}x, stdout time {:.2}x\n",
+        v["exec"]["median"].as_f64().unwrap_or(f64::NAN),
+        v["stdout"]["median"].as_f64().unwrap_or(f64::NAN),
+    ));
     s
 }
 
@@ -379,6 +491,20 @@ mod tests {
         assert_eq!(stats::paired_ratios(&s[0], &s[1]), [0.5]);
         // The share lines are not the drivers' rounds.
         assert_eq!(samples(out, 2)[0], [Some(1e-6), None]);
+    }
+
+    #[test]
+    fn channel_lines_become_exec_and_stdout_samples() {
+        assert_eq!(
+            channel_variants(),
+            ["vsock-exec", "vsock-stdout", "serial-exec", "serial-stdout"]
+        );
+        let out = "CHANNEL 1 vsock-exec 0 20000\nCHANNEL 1 vsock-stdout 0 500000\n\
+                   CHANNEL 1 serial-exec 0 40000\nCHANNEL 1 serial-stdout 1 9\n";
+        let c = channel_samples(out, 1);
+        assert_eq!(c[0], [Some(0.02)]);
+        assert_eq!(c[3], [None]);
+        assert_eq!(stats::paired_ratios(&c[0], &c[2]), [0.5]);
     }
 
     #[test]
