@@ -69,7 +69,16 @@ for spec in $DRIVERS; do
     else
         echo "$name-WRITE-IN-BUNDLE=no"
     fi
+    # Its owner, group and mode (set-uid included) as the container set them.
+    echo "$name-OWNER-MODE=$(stat -c %u:%g:%a "$B/rootfs/written-by-guest" 2>/dev/null)"
     rm -f "$B/rootfs/written-by-guest"
+    # And what it wrote into its volume (a bind mount of a host directory).
+    if [ "$(cat "$B/vol/from-guest" 2>/dev/null)" = vol ]; then
+        echo "$name-VOLUME-WRITE=yes"
+    else
+        echo "$name-VOLUME-WRITE=no"
+    fi
+    rm -f "$B/vol/from-guest"
 
     step "$name: networking"
     timeout 120 runv $flags --root $R run --bundle "$PINGER" net-$name </dev/null >/tmp/net.out
@@ -182,12 +191,19 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     // qemu shares the bundle's directory by 9p; kvm-native by virtio-fs where virtiofsd is
     // installed (scripts/test.sh builds it), else it copies it into an image.
     assert_eq!(value(&stdout, "qemu-kvm-ROOTFS-TYPE"), Some("9p"), "{all}");
-    assert_eq!(
-        value(&stdout, "qemu-kvm-WRITE-IN-BUNDLE"),
-        Some("yes"),
-        "{all}"
-    );
+    let shared = |name: &str| {
+        for (key, want) in [
+            ("WRITE-IN-BUNDLE", "yes"),
+            ("OWNER-MODE", "1234:5678:4751"),
+            ("VOLUME-WRITE", "yes"),
+        ] {
+            let key = format!("{name}-{key}");
+            assert_eq!(value(&stdout, &key), Some(want), "{key}\n{all}");
+        }
+    };
+    shared("qemu-kvm");
     let (fs_type, in_bundle) = if virtiofsd_installed() {
+        shared("kvm-native");
         ("virtiofs", "yes")
     } else {
         println!("kvm-native: no virtiofsd here, so its rootfs is an image copy");
@@ -289,9 +305,28 @@ fn drive(
             "-c",
             "echo \"CONTAINER-KERNEL=$(uname -r)\"; \
              echo \"ROOTFS-TYPE=$(awk '$2 == \"/\" {print $3}' /proc/mounts)\"; \
-             echo written > /written-by-guest; exit 42",
+             echo written > /written-by-guest; chown 1234:5678 /written-by-guest; \
+             chmod 4751 /written-by-guest; echo vol > /vol/from-guest; exit 42",
         ],
     );
+    fs::create_dir(bundle.join("vol")).unwrap();
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&config).unwrap()).unwrap();
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/vol",
+            "type": "bind",
+            "source": bundle.join("vol"),
+            "options": ["rbind", "rw"],
+        }));
+    for set in ["bounding", "effective", "permitted"] {
+        let caps = spec["process"]["capabilities"][set].as_array_mut().unwrap();
+        caps.push("CAP_CHOWN".into());
+        caps.push("CAP_FOWNER".into());
+    }
+    fs::write(&config, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
     let sleeper = dir.0.join("sleeper");
     make_bundle(&runv, &sleeper, &["sleep", "600"]);
     let pinger = dir.0.join("pinger");

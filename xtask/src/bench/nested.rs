@@ -36,8 +36,8 @@ pub const ROOTFS_MIB: [u64; 2] = [10, 500];
 /// Its variants, as (name, environment): the name gets `-<size>`.
 const SHARE_VARIANTS: [(&str, &str); 2] = [("virtiofs", ""), ("image", "RUNV_VIRTIOFSD=off")];
 
-/// qemu-kvm's agent channels compared, as (name, the spec's hypervisor parameter).
-pub const CHANNELS: [(&str, &str); 2] = [("vsock", "channel=vsock"), ("serial", "channel=serial")];
+/// qemu-kvm's agent channels compared, as (name, the driver's `channel` parameter).
+pub const CHANNELS: [(&str, &str); 2] = [("vsock", "vsock"), ("serial", "serial")];
 /// What the channel comparison pipes through a process's stdout.
 pub const STDOUT_MIB: u64 = 64;
 
@@ -107,7 +107,7 @@ done
 for i in $(seq "$RUNS"); do
     for ch in CHANNEL_NAMES; do
         id="c$i-$ch"
-        timeout 120 "$RUNV" --driver qemu --accel kvm --root /tmp/r create --bundle "$B-sleep-$ch" "$id" </dev/null >/dev/null 2>/tmp/err &&
+        timeout 120 "$RUNV" --config "$B-channel-$ch.toml" --driver qemu --accel kvm --root /tmp/r create --bundle "$B-sleep" "$id" </dev/null >/dev/null 2>/tmp/err &&
             "$RUNV" --root /tmp/r start "$id" 2>>/tmp/err
         rc=$?
         [ $rc -eq 0 ] || sed "s/^/$ch: /" /tmp/err
@@ -127,11 +127,7 @@ for i in $(seq "$RUNS"); do
 done
 "#;
 
-/// One `NESTED round variant status micros` line (or `SHARE ...` with `prefix` "SHARE ").
-pub fn parse_line(line: &str) -> Option<(usize, &str, i32, f64)> {
-    parse_prefixed(line, "NESTED ")
-}
-
+/// One `PREFIX round variant status micros` line.
 fn parse_prefixed<'a>(line: &'a str, prefix: &str) -> Option<(usize, &'a str, i32, f64)> {
     let mut w = line.strip_prefix(prefix)?.split_whitespace();
     let round = w.next()?.parse().ok()?;
@@ -141,75 +137,46 @@ fn parse_prefixed<'a>(line: &'a str, prefix: &str) -> Option<(usize, &'a str, i3
     Some((round, driver, rc, micros / 1e6))
 }
 
-/// Per-variant samples (seconds, `None` for a failed run), indexed by round.
-pub fn samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
-    let variants = variants();
-    let mut out = vec![vec![None; runs]; variants.len()];
-    for (round, driver, rc, secs) in output.lines().filter_map(parse_line) {
-        let Some(d) = variants.iter().position(|(n, _)| n == driver) else {
+/// Per-variant samples (seconds, `None` for a failed run), indexed by round, from the
+/// `PREFIX round name status micros` lines of `output`, for `names` in order.
+fn prefixed_samples(
+    output: &str,
+    prefix: &str,
+    names: &[String],
+    runs: usize,
+) -> Vec<Vec<Option<f64>>> {
+    let mut out = vec![vec![None; runs]; names.len()];
+    for (round, name, rc, secs) in output.lines().filter_map(|l| parse_prefixed(l, prefix)) {
+        let Some(v) = names.iter().position(|n| n == name) else {
             continue;
         };
         if rc == 0 && (1..=runs).contains(&round) {
-            out[d][round - 1] = Some(secs);
+            out[v][round - 1] = Some(secs);
         }
     }
     out
+}
+
+/// The drivers' rounds, in [`variants`] order.
+pub fn samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
+    let names: Vec<String> = variants().into_iter().map(|(n, _)| n).collect();
+    prefixed_samples(output, "NESTED ", &names, runs)
 }
 
 /// The virtio-fs / image samples, in [`share_variants`] order.
 pub fn share_samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
-    let variants = share_variants();
-    let mut out = vec![vec![None; runs]; variants.len()];
-    for (round, name, rc, secs) in output.lines().filter_map(|l| parse_prefixed(l, "SHARE ")) {
-        let Some(v) = variants.iter().position(|(n, _, _)| n == name) else {
-            continue;
-        };
-        if rc == 0 && (1..=runs).contains(&round) {
-            out[v][round - 1] = Some(secs);
-        }
-    }
-    out
+    let names: Vec<String> = share_variants().into_iter().map(|(n, _, _)| n).collect();
+    prefixed_samples(output, "SHARE ", &names, runs)
 }
 
 /// The channel samples, in [`channel_variants`] order.
 pub fn channel_samples(output: &str, runs: usize) -> Vec<Vec<Option<f64>>> {
-    let variants = channel_variants();
-    let mut out = vec![vec![None; runs]; variants.len()];
-    for (round, name, rc, secs) in output.lines().filter_map(|l| parse_prefixed(l, "CHANNEL ")) {
-        let Some(v) = variants.iter().position(|n| n == name) else {
-            continue;
-        };
-        if rc == 0 && (1..=runs).contains(&round) {
-            out[v][round - 1] = Some(secs);
-        }
-    }
-    out
+    prefixed_samples(output, "CHANNEL ", &channel_variants(), runs)
 }
 
-/// A sleeping container's bundle for each channel (`bundle-sleep-<channel>`).
-fn channel_bundles(bundle: &Path) -> Result<()> {
-    for (name, parameter) in CHANNELS {
-        let copy = bundle.with_file_name(format!("bundle-sleep-{name}"));
-        let st = Command::new("cp")
-            .arg("-a")
-            .arg(bundle)
-            .arg(&copy)
-            .status()
-            .context("cp -a")?;
-        anyhow::ensure!(st.success(), "copying {}", bundle.display());
-        let config = copy.join("config.json");
-        let mut spec: Value = serde_json::from_slice(&std::fs::read(&config)?)?;
-        spec["process"]["args"] = json!(["sleep", "600"]);
-        spec["vm"]["hypervisor"]["parameters"] = json!([parameter]);
-        std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)?;
-    }
-    Ok(())
-}
-
-/// A copy of `bundle` whose rootfs holds about `mib` MiB: a file of non-zero bytes (no holes
-/// for the image copy to skip) beside busybox.
-fn sized_bundle(bundle: &Path, mib: u64) -> Result<()> {
-    let copy = bundle.with_file_name(format!("bundle-{mib}"));
+/// A copy of `bundle` beside it, named `name`.
+fn copy_bundle(bundle: &Path, name: &str) -> Result<std::path::PathBuf> {
+    let copy = bundle.with_file_name(name);
     let st = Command::new("cp")
         .arg("-a")
         .arg(bundle)
@@ -217,6 +184,30 @@ fn sized_bundle(bundle: &Path, mib: u64) -> Result<()> {
         .status()
         .context("cp -a")?;
     anyhow::ensure!(st.success(), "copying {}", bundle.display());
+    Ok(copy)
+}
+
+/// A sleeping container's bundle (`bundle-sleep`) and a host config per channel
+/// (`bundle-channel-<name>.toml`, setting the qemu driver's `channel`).
+fn channel_bundles(bundle: &Path) -> Result<()> {
+    let copy = copy_bundle(bundle, "bundle-sleep")?;
+    let config = copy.join("config.json");
+    let mut spec: Value = serde_json::from_slice(&std::fs::read(&config)?)?;
+    spec["process"]["args"] = json!(["sleep", "600"]);
+    std::fs::write(&config, serde_json::to_vec_pretty(&spec)?)?;
+    for (name, value) in CHANNELS {
+        std::fs::write(
+            bundle.with_file_name(format!("bundle-channel-{name}.toml")),
+            format!("[driver_parameters.qemu]\nchannel = \"{value}\"\n"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A copy of `bundle` whose rootfs holds about `mib` MiB: a file of non-zero bytes (no holes
+/// for the image copy to skip) beside busybox.
+fn sized_bundle(bundle: &Path, mib: u64) -> Result<()> {
+    let copy = copy_bundle(bundle, &format!("bundle-{mib}"))?;
     let busybox_mib = std::fs::metadata(copy.join("rootfs/bin/busybox"))?.len() >> 20;
     let mut filler = std::io::BufWriter::new(std::fs::File::create(copy.join("rootfs/filler"))?);
     let block = [0x5au8; 1 << 20];
