@@ -59,7 +59,7 @@ pub fn restore(config: &VmConfig, template_dir: &Path) -> Result<KvmVm, String> 
     let control = Arc::new(Control::default());
     let (agent_host, agent_guest) =
         UnixStream::pair().map_err(|e| format!("socketpair for the agent channel: {e}"))?;
-    let devices = devices_for(config, agent_guest)?;
+    let devices = devices_for(config, agent_guest, &control)?;
     let ours: Vec<u32> = devices.iter().map(|d| d.device_type()).collect();
     let theirs: Vec<u32> = state.devices.iter().map(|d| d.device_type).collect();
     if ours != theirs {

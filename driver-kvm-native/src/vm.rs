@@ -140,6 +140,7 @@ pub(crate) fn check_config(config: &VmConfig) -> Result<u8, String> {
 pub(crate) fn devices_for(
     config: &VmConfig,
     agent_guest: UnixStream,
+    control: &Arc<Control>,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, String> {
     let template = config.memory_file.is_some() && config.restore_from.is_none();
     let mut devices: Vec<Box<dyn virtio::VirtioDevice>> =
@@ -157,7 +158,7 @@ pub(crate) fn devices_for(
         devices.push(Box::new(virtio::Block::new(file, disk.readonly, &disk.id)?));
     }
     for (i, share) in config.shared_dirs.iter().enumerate() {
-        devices.push(Box::new(share_device(config, i, share)?));
+        devices.push(Box::new(share_device(config, i, share, control)?));
     }
     for nic in &config.network_interfaces {
         let mac = crate::tap::parse_mac(&nic.mac)?;
@@ -177,6 +178,7 @@ fn share_device(
     config: &VmConfig,
     index: usize,
     share: &runv_api::SharedDir,
+    control: &Arc<Control>,
 ) -> Result<virtio::Fs, String> {
     let binary = crate::virtiofsd::find(config.parameters.get("virtiofsd").map(String::as_str))
         .unwrap_or_else(|| {
@@ -196,6 +198,7 @@ fn share_device(
             socket: &socket,
             log: config.log_file.as_deref(),
         },
+        control.clone(),
     )
 }
 
@@ -281,7 +284,7 @@ impl KvmVm {
         let control = Arc::new(Control::default());
         let (agent_host, agent_guest) =
             UnixStream::pair().map_err(|e| format!("socketpair for the agent channel: {e}"))?;
-        let devices = devices_for(config, agent_guest)?;
+        let devices = devices_for(config, agent_guest, &control)?;
         let (slots, described) = attach(&vm, devices, |_, device, irq| {
             MmioTransport::new(device, mem.clone(), irq)
         })?;

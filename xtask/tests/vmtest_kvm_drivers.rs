@@ -123,8 +123,19 @@ for spec in $DRIVERS; do
         ps -eo pid,ppid,stat,etimes,args | grep '[q]emu-system' | cut -c1-200
         sleep 3
         if pgrep -x lkvm >/dev/null; then echo "$name-LEFTOVER=lkvm"; fi
-    if pgrep -x virtiofsd >/dev/null; then echo "$name-LEFTOVER=virtiofsd"; fi
-    if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
+        if pgrep qemu-system >/dev/null; then echo "$name-LEFTOVER=qemu"; else echo "$name-QEMU-EXITED-LATE=yes"; fi
+    fi
+    if [ "$name" = kvm-native ] && command -v virtiofsd >/dev/null; then
+        step "$name: virtiofsd killed under a running container"
+        timeout 120 runv $flags --root $R run -d --bundle "$SLEEPER" vfs-$name </dev/null >/dev/null 2>&1
+        pkill -KILL -x virtiofsd
+        for _ in $(seq 150); do
+            runv --root $R state vfs-$name | grep -q '"stopped"' && break
+            sleep 0.2
+        done
+        runv --root $R state vfs-$name | tr -d ' \n' | grep -o '"status":"[a-z]*"' | sed "s/^/$name-AFTER-VIRTIOFSD-KILLED-/"
+        timeout 30 runv --root $R delete -f vfs-$name
+        echo "$name-VFS-DELETE-RC=$?"
     fi
 done
 
@@ -204,6 +215,13 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
     shared("qemu-kvm");
     let (fs_type, in_bundle) = if virtiofsd_installed() {
         shared("kvm-native");
+        // A virtiofsd killed under a running container ends its VM: the container is
+        // stopped, not hanging on its files.
+        assert!(
+            stdout.contains("kvm-native-AFTER-VIRTIOFSD-KILLED-\"status\":\"stopped\""),
+            "{all}"
+        );
+        assert_eq!(value(&stdout, "kvm-native-VFS-DELETE-RC"), Some("0"), "{all}");
         ("virtiofs", "yes")
     } else {
         println!("kvm-native: no virtiofsd here, so its rootfs is an image copy");

@@ -7,9 +7,13 @@
 //! ioeventfd is the event loop's; [`queue_notify`](VirtioDevice::queue_notify) kicks the
 //! daemon), and the daemon's "used" signals come back here: the MMIO transport's
 //! InterruptStatus must say why before the guest's handler looks at the rings.
+//!
+//! A daemon that goes away (killed on the host) would leave every file access of the guest
+//! waiting for ever: the device watches its connection and ends the VM instead.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -22,6 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::state::QueueSnapshot;
 use super::{Interrupt, VirtioDevice};
+use crate::control::Control;
+use crate::exit::ExitReason;
 use crate::virtiofsd::Daemon;
 
 pub const TYPE_FS: u32 = 26;
@@ -42,6 +48,7 @@ pub struct FsBackend<'a> {
 }
 
 pub struct Fs {
+    tag: String,
     config: [u8; TAG_LEN + 4],
     /// Dropped before the daemon: closing the connection is what ends it.
     frontend: Frontend,
@@ -52,6 +59,10 @@ pub struct Fs {
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     active: Option<Active>,
+    /// Told to end the VM when the daemon's connection closes.
+    control: Arc<Control>,
+    /// The connection's fd (the frontend locks to give it out).
+    socket: RawFd,
 }
 
 struct Active {
@@ -65,7 +76,13 @@ fn vhost_err(what: &'static str) -> impl FnOnce(vhost::Error) -> String {
 
 impl Fs {
     /// Starts the daemon for `dir` and agrees on the protocol with it.
-    pub fn new(tag: &str, dir: &Path, readonly: bool, backend: &FsBackend) -> Result<Self, String> {
+    pub fn new(
+        tag: &str,
+        dir: &Path,
+        readonly: bool,
+        backend: &FsBackend,
+        control: Arc<Control>,
+    ) -> Result<Self, String> {
         if tag.is_empty() || tag.len() >= TAG_LEN {
             return Err(format!(
                 "the virtio-fs tag {tag:?} must have 1 to {} bytes",
@@ -97,12 +114,14 @@ impl Fs {
                 .set_protocol_features(offered & VhostUserProtocolFeatures::REPLY_ACK)
                 .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
         }
+        let frontend_fd = frontend.as_raw_fd();
         let eventfds = || {
             (0..QUEUES)
                 .map(|_| EventFd::new(nix::libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}")))
                 .collect::<Result<Vec<_>, _>>()
         };
         Ok(Self {
+            tag: tag.to_string(),
             config,
             kicks: eventfds()?,
             calls: eventfds()?,
@@ -111,7 +130,23 @@ impl Fs {
             daemon_features,
             protocol,
             active: None,
+            control,
+            socket: frontend_fd,
         })
+    }
+
+    /// Whether the daemon closed its end of the connection. Peeks, so that a reply on its way
+    /// to a request of a vCPU thread stays where it is.
+    fn daemon_gone(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            nix::sys::socket::recv(
+                self.socket,
+                &mut byte,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ),
+            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
+        )
     }
 
     /// Gives the daemon the guest RAM and the rings of `queues`.
@@ -215,10 +250,21 @@ impl VirtioDevice for Fs {
     }
 
     fn host_fds(&self) -> Vec<RawFd> {
-        self.calls.iter().map(|c| c.as_raw_fd()).collect()
+        let mut fds: Vec<RawFd> = self.calls.iter().map(|c| c.as_raw_fd()).collect();
+        fds.push(self.socket);
+        fds
     }
 
     fn host_fd_ready(&mut self, fd: RawFd, readable: bool, _writable: bool) {
+        if fd == self.socket {
+            if readable && self.daemon_gone() {
+                self.control.request_exit(ExitReason::HostError(format!(
+                    "virtiofsd for the share {:?} exited: the guest cannot reach its files",
+                    self.tag
+                )));
+            }
+            return;
+        }
         let Some(call) = self.calls.iter().find(|c| c.as_raw_fd() == fd) else {
             return;
         };
@@ -337,6 +383,7 @@ mod tests {
                 socket: &socket,
                 log: Some(&log),
             },
+            Arc::new(Control::default()),
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let pid = fs.process().unwrap();
@@ -404,6 +451,51 @@ mod tests {
         }
     }
 
+    /// A daemon killed on the host ends the VM (with why) instead of leaving the guest's file
+    /// accesses waiting for ever; a daemon that is alive does not.
+    #[test]
+    fn a_killed_daemon_ends_the_vm() {
+        let Some(binary) = crate::virtiofsd::find(None) else {
+            println!("skipped: no virtiofsd (scripts/test.sh builds one)");
+            return;
+        };
+        let binary = binary.unwrap();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let control = Arc::new(Control::default());
+        let mut fs = Fs::new(
+            "vol",
+            dir.as_path(),
+            true,
+            &FsBackend {
+                binary: &binary,
+                socket: &dir.as_path().join("fs.sock"),
+                log: None,
+            },
+            control.clone(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let socket = *fs.host_fds().last().unwrap();
+        fs.host_fd_ready(socket, true, false);
+        assert_eq!(control.exit_reason(), None);
+
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(fs.process().unwrap() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.exit_reason().is_none() {
+            assert!(Instant::now() < deadline, "the VM did not end");
+            fs.host_fd_ready(socket, true, false);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let why = control.exit_reason().unwrap().to_string();
+        assert!(
+            why.contains("virtiofsd for the share \"vol\" exited"),
+            "{why}"
+        );
+    }
+
     #[test]
     fn tags_that_do_not_fit_the_config_space_are_refused_before_any_daemon_starts() {
         let backend = FsBackend {
@@ -412,7 +504,10 @@ mod tests {
             log: None,
         };
         for tag in ["", &"t".repeat(TAG_LEN)] {
-            let e = Fs::new(tag, Path::new("/"), false, &backend).err().unwrap();
+            let control = Arc::new(Control::default());
+            let e = Fs::new(tag, Path::new("/"), false, &backend, control)
+                .err()
+                .unwrap();
             assert!(e.contains("must have 1 to 35 bytes"), "{e}");
         }
     }
