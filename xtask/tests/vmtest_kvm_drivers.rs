@@ -221,7 +221,11 @@ fn kvm_native_and_qemu_kvm_run_containers_inside_the_test_host() {
             stdout.contains("kvm-native-AFTER-VIRTIOFSD-KILLED-\"status\":\"stopped\""),
             "{all}"
         );
-        assert_eq!(value(&stdout, "kvm-native-VFS-DELETE-RC"), Some("0"), "{all}");
+        assert_eq!(
+            value(&stdout, "kvm-native-VFS-DELETE-RC"),
+            Some("0"),
+            "{all}"
+        );
         ("virtiofs", "yes")
     } else {
         println!("kvm-native: no virtiofsd here, so its rootfs is an image copy");
