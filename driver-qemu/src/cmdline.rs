@@ -264,7 +264,7 @@ pub fn kernel_cmdline(config: &VmConfig, options: &QemuOptions) -> String {
         params.push(format!("tsc_early_khz={khz}"));
     }
     if let Some(v) = options.agent_vsock {
-        params.push(format!("runv.channel=vsock:2:{}", v.port));
+        params.push(crate::vsock::kernel_param(v.port));
     }
     let extra = config.kernel_params.trim();
     if !extra.is_empty() {

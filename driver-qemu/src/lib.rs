@@ -167,36 +167,34 @@ impl QemuDriver {
             agent_vsock: None,
         };
         let templating = template_dir.is_some() || config.memory_file.is_some();
-        let mut agent_vsock = match param("channel") {
-            Some("serial") => None,
+        let vsock_wanted = match param("channel") {
+            Some("serial") => false,
             Some("vsock") if templating => {
                 return Err("channel=vsock: templates and clones use virtio-serial".into());
             }
             Some("vsock") if !vsock::available() => {
                 return Err(format!("channel=vsock: this host has no {}", vsock::DEVICE));
             }
-            Some("vsock") => Some(vsock::Vsock::new(std::process::id())?),
+            Some("vsock") => true,
             // vhost needs KVM's ioeventfds; templates migrate no vhost state.
-            None | Some("auto")
-                if vsock::available() && choice.accel == Accel::Kvm && !templating =>
-            {
-                Some(vsock::Vsock::new(std::process::id())?)
-            }
-            None | Some("auto") => None,
+            None | Some("auto") => vsock::available() && choice.accel == Accel::Kvm && !templating,
             Some(other) => {
                 return Err(format!("invalid channel {other:?} (auto, vsock or serial)"));
             }
         };
         let mut fds: Vec<OwnedFd> = taps;
-        if let Some(v) = agent_vsock.as_mut() {
-            let vhost = v.take_vhost().ok_or("the vsock has no vhost device")?;
+        let agent_vsock = if vsock_wanted {
+            let (v, vhost) = vsock::Vsock::new(std::process::id())?;
             options.agent_vsock = Some(cmdline::AgentVsock {
                 cid: v.cid,
                 vhost_fd: vhost.as_raw_fd(),
                 port: v.port,
             });
             fds.push(vhost);
-        }
+            Some(v)
+        } else {
+            None
+        };
         let jail = match param("jail") {
             Some("off") => None,
             None | Some("on") => Some(self.jail(config, template_dir)?),

@@ -27,14 +27,18 @@ const FIRST_CID: u32 = 3;
 // VHOST_VSOCK_SET_GUEST_CID: _IOW(VHOST_VIRTIO = 0xAF, 0x60, __u64).
 nix::ioctl_write_ptr!(set_guest_cid, 0xAF, 0x60, u64);
 
+/// What the agent reads from the kernel command line: where the host listens.
+pub fn kernel_param(port: u32) -> String {
+    format!("runv.channel=vsock:{HOST_CID}:{port}")
+}
+
 /// Whether this host can give a VM a vsock agent channel.
 pub fn available() -> bool {
     Path::new(DEVICE).exists()
 }
 
-/// A VM's vsock: the vhost device (for qemu) with its CID claimed, and the host's listener.
+/// A VM's vsock: the CID claimed for it, and the host's listener.
 pub struct Vsock {
-    vhost: Option<OwnedFd>,
     pub cid: u32,
     pub port: u32,
     listener: OwnedFd,
@@ -42,8 +46,9 @@ pub struct Vsock {
 
 impl Vsock {
     /// Opens the vhost device, claims a free CID for it (trying from one derived from
-    /// `seed`), and listens on a port of the host's choosing.
-    pub fn new(seed: u32) -> Result<Self, String> {
+    /// `seed`), and listens on a port of the host's choosing. Returns the vsock and the vhost
+    /// device, for qemu to inherit.
+    pub fn new(seed: u32) -> Result<(Self, OwnedFd), String> {
         let vhost: OwnedFd = std::fs::File::options()
             .read(true)
             .write(true)
@@ -81,22 +86,14 @@ impl Vsock {
         let port = getsockname::<VsockAddr>(listener.as_raw_fd())
             .map_err(|e| format!("the vsock listener's port: {e}"))?
             .port();
-        Ok(Self {
-            vhost: Some(vhost),
-            cid,
-            port,
-            listener,
-        })
-    }
-
-    /// The vhost device, for qemu to inherit (once).
-    pub fn take_vhost(&mut self) -> Option<OwnedFd> {
-        self.vhost.take()
-    }
-
-    /// What the agent reads from the kernel command line.
-    pub fn kernel_param(&self) -> String {
-        format!("runv.channel=vsock:{HOST_CID}:{}", self.port)
+        Ok((
+            Self {
+                cid,
+                port,
+                listener,
+            },
+            vhost,
+        ))
     }
 
     /// Waits until `deadline` for this VM's agent to connect (other CIDs are turned away);
@@ -147,11 +144,14 @@ mod tests {
             println!("skipped: no {DEVICE} (vhost-vsock; the test host has it)");
             return;
         }
-        let v = Vsock::new(std::process::id()).unwrap();
+        let (v, _vhost) = Vsock::new(std::process::id()).unwrap();
         assert!(v.cid >= FIRST_CID && v.cid != ANY);
-        assert_eq!(v.kernel_param(), format!("runv.channel=vsock:2:{}", v.port));
+        assert_eq!(
+            kernel_param(v.port),
+            format!("runv.channel=vsock:2:{}", v.port)
+        );
         // A second VM gets another CID even from the same seed.
-        let w = Vsock::new(std::process::id()).unwrap();
+        let (w, _other) = Vsock::new(std::process::id()).unwrap();
         assert_ne!(v.cid, w.cid);
         let e = v.accept(Instant::now(), || false).unwrap_err();
         assert!(e.contains("in time"), "{e}");
