@@ -55,8 +55,8 @@ pub struct RunvOpts {
     /// accelerator for drivers that have a choice: kvm or tcg (default: kvm where usable)
     #[arg(long, global = true, value_name = "ACCEL")]
     pub accel: Option<String>,
-    /// start VMs from templates: auto (use a matching one, else boot and make one in the
-    /// background), off (default), or a template's name
+    /// start VMs from templates: auto (default: use a matching one, else boot and make one in
+    /// the background), off, or a template's name
     #[arg(long, global = true, value_name = "auto|off|NAME")]
     pub template: Option<String>,
     /// the template store (default $RUNV_TEMPLATE_DIR, else /var/lib/runv/templates)

@@ -262,7 +262,7 @@ impl HostConfig {
             &check_template,
         )?;
         let template = Setting {
-            value: template.value.unwrap_or_else(|| "off".into()),
+            value: template.value.unwrap_or_else(|| "auto".into()),
             source: template.source,
         };
         let log_level = string_key(
@@ -688,7 +688,7 @@ accel = "tcg"
         assert_eq!(c.driver.value, None);
         assert_eq!(c.vcpus.value, DEFAULT_VCPUS);
         assert_eq!(c.memory_mib.value, DEFAULT_MEMORY_MIB);
-        assert_eq!(c.template.value, "off");
+        assert_eq!(c.template.value, "auto");
         assert_eq!(c.log_filter(), None);
         assert_eq!(c.file.source, Source::Flag("--config"));
     }

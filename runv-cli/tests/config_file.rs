@@ -115,6 +115,9 @@ fn show_reports_each_value_and_its_source() {
             .arg(&other.0),
     );
     assert_eq!(j["driver"]["value"], "qemu");
+    // Templates are on unless something turns them off.
+    assert_eq!(j["template"]["value"], "auto");
+    assert_eq!(j["template"]["source"], "default");
 
     // The table names the source of every line.
     let out = runv()

@@ -48,8 +48,13 @@ impl Podman {
             .arg(format!(
                 "root={}",
                 self.sb.path(&format!("{name}-state")).display()
-            ))
-            .args(args);
+            ));
+        // Cold starts, as for the other engines (conmon does not pass podman's environment
+        // on to the runtime, so this is a runtime flag).
+        if runtime == RUNV {
+            c.args(["--runtime-flag", "template=off"]);
+        }
+        c.args(args);
         c
     }
 

@@ -8,6 +8,7 @@ mod common;
 use std::fs;
 use std::path::PathBuf;
 
+use common::templates::{TplEnv, pids_with};
 use common::{Env, qemu_pids_for, text, wait_until};
 use serde_json::json;
 
@@ -82,8 +83,8 @@ fn start_sandbox(env: &Env) -> i64 {
 /// Ends the pod: the sandbox and the given (stopped or running) members.
 fn end_pod(env: &Env, members: &[&str]) {
     env.run_ok(env.runv().args(["kill", SANDBOX_ID, "KILL"]), 30);
-    for id in members {
-        wait_until(60, "the member to stop with the pod", || {
+    for id in members.iter().chain([&SANDBOX_ID]) {
+        wait_until(60, "the pod's containers to stop", || {
             env.state(id)["status"] == "stopped"
         });
     }
@@ -326,4 +327,53 @@ fn a_killed_sandbox_monitor_leaves_nothing_after_delete() {
     env.run_ok(env.runv().args(["delete", "member"]), 60);
     env.run_ok(env.runv().args(["delete", SANDBOX_ID]), 60);
     env.assert_clean();
+}
+
+/// Under the default `--template auto` a pod's VM is templated like any container's: the
+/// first pod boots cold and a template of the pod VM's shape (its size, the pod share) is
+/// made in the background; the next pod's VM is a clone of it, and its members run in it.
+#[test]
+fn a_pod_vm_comes_from_a_template_under_auto() {
+    let t = TplEnv::new("podtpl");
+    let env = &t.env;
+    let sandbox = sandbox_bundle(env);
+    for (round, restored) in [(1, false), (2, true)] {
+        let log = env.dir.join(format!("sandbox-{round}.log"));
+        let (status, _, err) = env.run_files(
+            t.runv()
+                .arg("--debug")
+                .arg("--log")
+                .arg(&log)
+                .args(["run", "--detach", "--bundle"])
+                .arg(&sandbox)
+                .arg(SANDBOX_ID),
+            180,
+        );
+        assert!(status.success(), "run -d the sandbox: {err}");
+        let logged = fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            logged.contains("restored from template"),
+            restored,
+            "pod {round}: {logged}"
+        );
+        let pid = env.state(SANDBOX_ID)["pid"].as_i64().unwrap();
+        let id = format!("member-{round}");
+        let member = member_bundle(env, &id, pid, &["sh", "-c", "hostname; exit 3"]);
+        let out = env.run(
+            t.runv().args(["run", "--bundle"]).arg(&member).arg(&id),
+            120,
+        );
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "pod-host");
+        assert_eq!(exec(env, SANDBOX_ID, &["hostname"]), "pod-host");
+        if round == 1 {
+            wait_until(300, "the pod VM's template", || t.list().len() == 1);
+            wait_until(60, "the template build to end", || {
+                pids_with(&["__template-build", &t.store.to_string_lossy()]).is_empty()
+            });
+        }
+        // The member was deleted by `run`.
+        end_pod(env, &[]);
+    }
+    assert_eq!(t.list().len(), 1, "the second pod made no other template");
 }

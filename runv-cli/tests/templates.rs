@@ -63,13 +63,8 @@ fn clones_run_containers_and_are_unique() {
         "ca",
         &key,
     );
-    let b = probe(
-        &t,
-        &["--template", "auto"],
-        &probe_bundle(&t, "b"),
-        "cb",
-        &key,
-    );
+    // No --template: the default, auto, finds the template.
+    let b = probe(&t, &[], &probe_bundle(&t, "b"), "cb", &key);
     assert_eq!(a.hostname, "host-a");
     assert_eq!(b.hostname, "host-b");
     assert_eq!(a.marker, "rootfs-of-a");

@@ -11,19 +11,24 @@ mod common;
 use common::Env;
 use common::templates::{Netns, TplEnv, mode, probe, probe_bundle};
 
-/// Why KVM cannot run this test's guests here, from `runv drivers` (kvm-native's probe: a
-/// usable /dev/kvm on a CPU with vmx/svm, which is what qemu's KVM needs too).
-fn kvm_unusable() -> Option<String> {
+/// kvm-native as `runv drivers --format json` describes it.
+fn kvm_native_info() -> serde_json::Value {
     let env = Env::new("tplkvm-probe");
     let out = env.run_ok(env.runv().args(["drivers", "--format", "json"]), 30);
     let drivers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let kn = drivers["drivers"]
+    drivers["drivers"]
         .as_array()
         .unwrap()
         .iter()
         .find(|d| d["name"] == "kvm-native")
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Why KVM cannot run this test's guests here, from `runv drivers` (kvm-native's probe: a
+/// usable /dev/kvm on a CPU with vmx/svm, which is what qemu's KVM needs too).
+fn kvm_unusable() -> Option<String> {
+    let kn = kvm_native_info();
     if kn["available"] == true {
         return None;
     }
@@ -33,13 +38,21 @@ fn kvm_unusable() -> Option<String> {
     ))
 }
 
-/// The clone test with `flags` (the driver and its options).
-fn clones_run_containers_and_are_unique(tag: &str, flags: &[&str], driver: &str) {
+/// The clone test with `flags` (the driver and its options) and `envs`.
+fn clones_run_containers_and_are_unique(
+    tag: &str,
+    flags: &[&str],
+    envs: &[(&str, &str)],
+    driver: &str,
+) {
     if let Some(why) = kvm_unusable() {
         println!("skipped: {why}");
         return;
     }
-    let t = TplEnv::with_flags(tag, flags);
+    let mut t = TplEnv::with_flags(tag, flags);
+    for (name, value) in envs {
+        t = t.with_env(name, value);
+    }
     let out = t.env.run_ok(
         t.runv().args([
             "--debug", "template", "create", "--name", "base", "--format", "json",
@@ -62,13 +75,8 @@ fn clones_run_containers_and_are_unique(tag: &str, flags: &[&str], driver: &str)
         "ca",
         &key,
     );
-    let b = probe(
-        &t,
-        &["--template", "auto"],
-        &probe_bundle(&t, "b"),
-        "cb",
-        &key,
-    );
+    // No --template: the default, auto, finds the template.
+    let b = probe(&t, &[], &probe_bundle(&t, "b"), "cb", &key);
     assert_eq!(
         (a.hostname.as_str(), b.hostname.as_str()),
         ("host-a", "host-b")
@@ -90,14 +98,45 @@ fn clones_run_containers_and_are_unique(tag: &str, flags: &[&str], driver: &str)
 
 #[test]
 fn kvm_native_clones_run_containers_and_are_unique() {
-    let t = "tplkvm-native";
-    clones_run_containers_and_are_unique(t, &["--driver", "kvm-native"], "kvm-native");
+    // Without virtiofsd kvm-native copies the rootfs into an image, and `auto` clones it.
+    let (t, flags) = ("tplkvm-native", ["--driver", "kvm-native"]);
+    clones_run_containers_and_are_unique(t, &flags, &[("RUNV_VIRTIOFSD", "off")], "kvm-native");
+}
+
+/// With virtiofsd kvm-native shares the rootfs, which its clones cannot: under the default
+/// `auto` the container boots cold on virtio-fs and no template is made for it.
+#[test]
+fn kvm_native_with_virtiofsd_boots_cold_under_auto() {
+    if let Some(why) = kvm_unusable() {
+        println!("skipped: {why}");
+        return;
+    }
+    let caps = kvm_native_info()["capabilities"].to_string();
+    if !caps.contains("shared-dir-rootfs") {
+        println!("skipped: no virtiofsd for kvm-native here ({caps})");
+        return;
+    }
+    let t = TplEnv::with_flags("tplkvm-fs", &["--driver", "kvm-native"]);
+    let bundle = t
+        .env
+        .bundle("fs", &["sh", "-c", "grep ' / ' /proc/mounts; exit 7"]);
+    let (code, out, err, log) = t.run(&[], &bundle, "cfs");
+    assert_eq!(code, 7, "{err}\n{log}");
+    assert!(out.contains("virtiofs"), "the rootfs is not shared: {out}");
+    assert!(
+        log.contains("cannot give a clone shared directories"),
+        "{log}"
+    );
+    assert!(!log.contains("restored from template"), "{log}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(t.list().is_empty(), "a template was made: {:?}", t.list());
+    t.env.assert_clean();
 }
 
 #[test]
 fn qemu_kvm_clones_run_containers_and_are_unique() {
     let flags = ["--driver", "qemu", "--accel", "kvm"];
-    clones_run_containers_and_are_unique("tplkvm-qemu", &flags, "qemu");
+    clones_run_containers_and_are_unique("tplkvm-qemu", &flags, &[], "qemu");
 }
 
 /// A kvm-native clone in a network namespace: the template's NIC has no tap and a fixed MAC;
@@ -109,7 +148,8 @@ fn a_kvm_native_clone_gets_its_own_network() {
         println!("skipped: {why}");
         return;
     }
-    let t = TplEnv::with_flags("tplkvm-net", &["--driver", "kvm-native"]);
+    let t = TplEnv::with_flags("tplkvm-net", &["--driver", "kvm-native"])
+        .with_env("RUNV_VIRTIOFSD", "off");
     let ns = Netns::new(78);
     let out = t.env.run_ok(
         t.runv().args([

@@ -112,6 +112,8 @@ fn runv(state: &Path) -> Command {
     cmd.env_remove("RUNV_DRIVER_DIR")
         .env_remove("RUNV_CONFIG")
         .env("RUNV_AGENT_TIMEOUT", "120")
+        // No template build left running after the test (the default is `auto`).
+        .env("RUNV_TEMPLATE", "off")
         .arg("--root")
         .arg(state);
     cmd

@@ -18,6 +18,7 @@ use common::{
 /// Everything the KVM path needs, in one test-host boot.
 const SCRIPT: &str = r#"
 set -u
+export RUNV_TEMPLATE=off  # cold starts (templates_kvm tests the clones)
 B="$1"      # prints CONTAINER-KERNEL and CONTAINER-MEM-KIB, exits 42
 AUTO="$2"   # prints AUTO-CONTAINER=ran
 step() { echo "== $*"; }

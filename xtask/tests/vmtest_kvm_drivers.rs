@@ -27,6 +27,7 @@ use common::{
 
 const SCRIPT: &str = r#"
 set -u
+export RUNV_TEMPLATE=off  # cold starts (templates_kvm tests the clones)
 B="$1"        # prints CONTAINER-KERNEL, exits 42
 SLEEPER="$2"  # sleeps
 PINGER="$3"   # in netns n1: pings 10.9.0.1

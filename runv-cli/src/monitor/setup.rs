@@ -126,16 +126,17 @@ fn prepare_storage(
     prepared
 }
 
-/// What the driver can do for this container: where templates are in use, what its clones
-/// can do.
+/// What the driver can do for this container: with a named template, what its clones can do
+/// (that template was made for them). Under `auto` a driver whose clones cannot share
+/// directories keeps its shares and boots cold (see `templates::clone::start`): the
+/// container's writes reaching its bundle, as under runc, weigh more than a faster start.
 fn usable_capabilities(
     config: &MonitorConfig,
     caps: runv_api::Capabilities,
 ) -> runv_api::Capabilities {
-    if config.template == crate::templates::Mode::Off {
-        caps
-    } else {
-        crate::templates::clone_capabilities(caps)
+    match config.template {
+        crate::templates::Mode::Named(_) => crate::templates::clone_capabilities(caps),
+        crate::templates::Mode::Off | crate::templates::Mode::Auto => caps,
     }
 }
 

@@ -42,19 +42,7 @@ pub fn start(
         Mode::Named(name) => Some(name.as_str()),
         _ => None,
     };
-    let caps = driver.info().capabilities;
-    let why_not = if !caps.contains(Capabilities::SNAPSHOT) {
-        Some(format!("driver {} cannot restore VMs", config.driver))
-    } else if !vm_config.block_devices.is_empty() && !caps.contains(Capabilities::TEMPLATE_DISKS) {
-        Some(format!(
-            "driver {} cannot give a clone its own disks, so a block-device rootfs is not \
-             templated",
-            config.driver
-        ))
-    } else {
-        None
-    };
-    if let Some(why) = why_not {
+    if let Some(why) = why_not(&config.driver, driver.info().capabilities, vm_config) {
         if let Some(name) = named {
             bail!("template {name} cannot be used: {why}");
         }
@@ -135,6 +123,25 @@ pub fn start(
     }
 }
 
+/// Why a VM of this shape cannot come from a template of `driver`, if it cannot.
+fn why_not(driver: &str, caps: Capabilities, vm_config: &VmConfig) -> Option<String> {
+    if !caps.contains(Capabilities::SNAPSHOT) {
+        Some(format!("driver {driver} cannot restore VMs"))
+    } else if !vm_config.block_devices.is_empty() && !caps.contains(Capabilities::TEMPLATE_DISKS) {
+        Some(format!(
+            "driver {driver} cannot give a clone its own disks, so a block-device rootfs is not \
+             templated"
+        ))
+    } else if !vm_config.shared_dirs.is_empty() && caps.contains(Capabilities::NO_TEMPLATE_SHARES) {
+        Some(format!(
+            "driver {driver} cannot give a clone shared directories (it boots with them instead \
+             of copying the rootfs into an image)"
+        ))
+    } else {
+        None
+    }
+}
+
 fn restore(
     store: &Store,
     driver: &HypervisorClient,
@@ -207,5 +214,39 @@ fn restore(
             let _ = vm.wait();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runv_api::{BlockDevice, SharedDir};
+
+    #[test]
+    fn which_shapes_a_driver_can_clone() {
+        use Capabilities as C;
+        let share = VmConfig {
+            shared_dirs: vec![SharedDir::default()],
+            ..VmConfig::default()
+        };
+        let disk = VmConfig {
+            block_devices: vec![BlockDevice::default()],
+            ..VmConfig::default()
+        };
+        let qemu = C::SNAPSHOT | C::SHARED_DIR_ROOTFS | C::TEMPLATE_DISKS;
+        let kvm_native = C::SNAPSHOT | C::SHARED_DIR_ROOTFS | C::NO_TEMPLATE_SHARES;
+        assert_eq!(why_not("qemu", qemu, &share), None);
+        assert_eq!(why_not("qemu", qemu, &disk), None);
+        // kvm-native with virtiofsd: its shares win, the VM boots.
+        let why = why_not("kvm-native", kvm_native, &share).unwrap();
+        assert!(why.contains("shared directories"), "{why}");
+        assert!(
+            why_not("kvm-native", kvm_native, &disk)
+                .unwrap()
+                .contains("disks")
+        );
+        let kvm_native_image = C::SNAPSHOT | C::TEMPLATE_DISKS | C::NO_TEMPLATE_SHARES;
+        assert_eq!(why_not("kvm-native", kvm_native_image, &disk), None);
+        assert!(why_not("kvmtool", C::SHARED_DIR_ROOTFS, &share).is_some());
     }
 }

@@ -383,7 +383,8 @@ mod tests {
 
     #[test]
     fn modes_and_names() {
-        assert_eq!(Mode::parse(None).unwrap(), Mode::Off);
+        assert_eq!(Mode::parse(None).unwrap(), Mode::Auto);
+        assert_eq!(Mode::parse(Some("off")).unwrap(), Mode::Off);
         assert_eq!(Mode::parse(Some("auto")).unwrap(), Mode::Auto);
         assert_eq!(
             Mode::parse(Some("web-1")).unwrap(),

@@ -4,10 +4,13 @@
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
-/// `--template`: `off`, `auto`, or the name of a template made with `template create --name`.
+/// `--template`: `auto` (the default), `off`, or the name of a template made with
+/// `template create --name`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// `Default` is what a monitor.json written before templates existed means, not the
+    /// command line's default (`parse(None)`).
     #[default]
     Off,
     Auto,
@@ -17,8 +20,8 @@ pub enum Mode {
 impl Mode {
     pub fn parse(value: Option<&str>) -> anyhow::Result<Self> {
         match value.map(str::trim) {
-            None | Some("off") => Ok(Self::Off),
-            Some("auto") => Ok(Self::Auto),
+            Some("off") => Ok(Self::Off),
+            None | Some("auto") => Ok(Self::Auto),
             Some("") => bail!("invalid --template \"\": want auto, off or a template name"),
             Some(name) => {
                 validate_name(name)?;

@@ -84,8 +84,12 @@ impl Env {
     pub fn runv(&self) -> Command {
         let mut cmd = Command::new(RUNV);
         // No host config file: the tests must not depend on this machine's /etc/runv.
+        // Cold starts: under the default `--template auto` a test's first start would leave a
+        // template build running in the background and later tests would run clones. The
+        // template tests (`TplEnv`) take the default back.
         cmd.env_remove("RUNV_DRIVER_DIR")
             .env("RUNV_CONFIG", "/dev/null")
+            .env("RUNV_TEMPLATE", "off")
             .env("RUNV_AGENT_TIMEOUT", "120")
             .arg("--root")
             .arg(&self.root);

@@ -18,6 +18,8 @@ pub struct TplEnv {
     pub store: PathBuf,
     /// Global flags every command gets (e.g. `--driver kvm-native`).
     flags: Vec<String>,
+    /// Environment every command gets.
+    envs: Vec<(String, String)>,
 }
 
 impl TplEnv {
@@ -33,11 +35,21 @@ impl TplEnv {
             env,
             store,
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            envs: Vec::new(),
         }
+    }
+
+    /// Every command also gets `name=value` in its environment.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.envs.push((name.into(), value.into()));
+        self
     }
 
     pub fn runv(&self) -> Command {
         let mut cmd = self.env.runv();
+        // The default mode (`auto`), not the cold starts of the other tests.
+        cmd.env_remove("RUNV_TEMPLATE");
+        cmd.envs(self.envs.iter().map(|(n, v)| (n, v)));
         cmd.args(&self.flags);
         cmd.arg("--template-dir").arg(&self.store);
         cmd

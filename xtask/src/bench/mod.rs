@@ -113,6 +113,8 @@ struct Env {
 impl Env {
     fn runv(&self) -> Command {
         let mut c = Command::new(&self.runv);
+        // Cold starts unless a variant names a template (`--template` beats this).
+        c.env("RUNV_TEMPLATE", "off");
         c.arg("--root").arg(&self.root);
         c.stdin(Stdio::null());
         c
