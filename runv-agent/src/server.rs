@@ -282,7 +282,12 @@ impl Agent {
                 self.power_off_when_idle.store(enabled, Ordering::SeqCst);
                 Ok(ResponseBody::Ok)
             }
-            Request::Shutdown => Ok(ResponseBody::Ok),
+            // Synced before the answer: the host then ends the VM without waiting for the
+            // power-off that follows (which syncs again).
+            Request::Shutdown => {
+                nix::unistd::sync();
+                Ok(ResponseBody::Synced)
+            }
             Request::Restored {
                 entropy,
                 unix_time_ns,

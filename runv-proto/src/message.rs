@@ -206,6 +206,9 @@ pub enum ResponseBody {
     Ps {
         processes: Vec<ProcessInfo>,
     },
+    /// Answer to `Shutdown`: the guest's file systems are synced, so the host may end the VM
+    /// without waiting for the guest's own power-off. Older agents answer `Ok`.
+    Synced,
 }
 
 /// A failed request. `code` follows runc: 127 command not found, 126 not executable,

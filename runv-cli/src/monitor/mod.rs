@@ -310,13 +310,22 @@ fn serve(monitor: Arc<Monitor>, events: std::sync::mpsc::Receiver<Event>) -> i32
 }
 
 fn shutdown_vm(monitor: &Monitor) {
-    if monitor.client.disconnected().is_none() {
-        let _ = monitor
-            .client
-            .request(Request::Shutdown, Duration::from_secs(2));
-    }
+    let synced = monitor.client.disconnected().is_none()
+        && matches!(
+            monitor
+                .client
+                .request(Request::Shutdown, Duration::from_secs(2)),
+            Ok(ResponseBody::Synced)
+        );
     monitor.client.close();
-    if let Err(e) = monitor.vm.stop(Duration::from_secs(5)) {
+    // A synced guest has nothing left to lose: the driver ends it now instead of waiting for
+    // its power-off path (under TCG new code to translate in every clone of a template).
+    let grace = if synced {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(5)
+    };
+    if let Err(e) = monitor.vm.stop(grace) {
         tracing::warn!("stopping the VM: {e}");
     }
     match monitor.vm.wait() {
