@@ -79,6 +79,12 @@ pub fn start(
         .and_then(|store| Ok((request.shape(&store, driver)?.key(), store)));
     let (key, store) = match opened {
         Ok(found) => found,
+        // A store this user may not write (runv as non-root, a read-only /var) is how
+        // `auto`, the default, meets such hosts: not worth a warning on every start.
+        Err(e) if named.is_none() && not_permitted(&e) => {
+            tracing::debug!("templates: {e:#}; booting instead");
+            return Ok(Start::Cold);
+        }
         Err(e) if named.is_none() => {
             tracing::warn!("templates: {e:#}; booting instead");
             return Ok(Start::Cold);
@@ -121,6 +127,15 @@ pub fn start(
         }
         Err(e) => Err(e.context(format!("restoring template {}", meta.key))),
     }
+}
+
+fn not_permitted(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            io.kind() == std::io::ErrorKind::PermissionDenied
+                || io.raw_os_error() == Some(nix::libc::EROFS)
+        })
 }
 
 /// Why a VM of this shape cannot come from a template of `driver`, if it cannot.
@@ -248,5 +263,16 @@ mod tests {
         let kvm_native_image = C::SNAPSHOT | C::TEMPLATE_DISKS | C::NO_TEMPLATE_SHARES;
         assert_eq!(why_not("kvm-native", kvm_native_image, &disk), None);
         assert!(why_not("kvmtool", C::SHARED_DIR_ROOTFS, &share).is_some());
+    }
+
+    #[test]
+    fn a_store_runv_may_not_write_is_no_warning() {
+        let denied = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+            .context("creating /var/lib/runv/templates");
+        assert!(not_permitted(&denied));
+        let read_only = anyhow::Error::new(std::io::Error::from_raw_os_error(nix::libc::EROFS));
+        assert!(not_permitted(&read_only));
+        let other = anyhow::Error::new(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+        assert!(!not_permitted(&other));
     }
 }
