@@ -14,8 +14,14 @@
 //! Protocol on the forker's fd 3 (a unix socket to the agent): the agent sends one byte with
 //! four fds attached (SCM_RIGHTS): what becomes the helper's fd 3 (its socket to the agent),
 //! 0, 1 and 2; the forker answers with the helper's pid as an i32, little endian, or minus an
-//! errno. When there is no forker (it cannot be started, or died), the agent execs a helper as
-//! before.
+//! errno. A byte without fds is answered with minus EINVAL: the agent sends one to wait until
+//! a forker it started is up. When there is no forker (it cannot be started, or died), the
+//! agent execs a helper as before.
+//!
+//! The agent starts the forker when it starts serving, not at the first container: in a
+//! template VM it is then part of what every clone gets ready-made (its exec and start-up
+//! under TCG were most of a clone's first `create`); elsewhere it starts while the host
+//! prepares the first container.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -52,6 +58,33 @@ pub struct Forker {
 }
 
 impl Forker {
+    /// Starts the forker unless one runs; with `wait`, returns once it answers. A forker
+    /// that cannot be started is left to the first helper's request (which then execs one).
+    pub fn prestart(&self, reaper: &Reaper, wait: bool) {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.is_some() {
+            return;
+        }
+        let mut sock = match start(reaper) {
+            Ok(s) => s,
+            Err(e) => {
+                crate::debug!("{e}");
+                return;
+            }
+        };
+        if wait {
+            let mut answer = [0u8; 4];
+            let up = sock
+                .write_all(&[1])
+                .and_then(|()| sock.read_exact(&mut answer));
+            if up.is_err() || i32::from_le_bytes(answer) != -libc::EINVAL {
+                crate::debug!("forker: no answer at start ({up:?})");
+                return;
+            }
+        }
+        *conn = Some(sock);
+    }
+
     /// Forks a helper whose fds 3, 0, 1 and 2 are `fds`; returns its pid. The helper is the
     /// agent's child: the caller reaps it (or tells the reaper to forget it).
     pub fn spawn_helper(

@@ -328,8 +328,11 @@ fn child(
                         return Err(fail(format!("setdomainname: {e}")));
                     }
                 }
+                phases.mark("names");
                 setup_rootfs(c, in_userns)?;
+                phases.mark("mounts");
                 enter_root(Path::new(&c.rootfs))?;
+                phases.mark("pivot");
                 apply_sysctl(&c.sysctl)?;
                 finish_root(c)?;
             }

@@ -101,6 +101,13 @@ impl Agent {
 
     /// Reads frames until the host goes away.
     pub fn serve(self: &Arc<Self>, channel: File) -> Result<(), String> {
+        // See `forker`: in a template, up before the host saves it; elsewhere alongside.
+        if self.template {
+            self.forker.prestart(&self.reaper, true);
+        } else {
+            let me = Arc::clone(self);
+            let _ = spawn_thread("forker", move || me.forker.prestart(&me.reaper, false));
+        }
         // The magic before the Hello lets the host skip anything else that was written to
         // the channel before us (a boot console on a UART).
         self.mux
@@ -326,12 +333,14 @@ impl Agent {
         if lock(&self.containers).contains_key(&id) {
             return Err(err(format!("container with id exists: {id}")));
         }
+        let mut phases = Phases::start(crate::log::enabled(crate::log::Level::Debug));
         let spec: Spec =
             serde_json::from_value(spec).map_err(|e| err(format!("bad OCI spec: {e}")))?;
         let process = spec
             .process
             .clone()
             .ok_or_else(|| err("spec has no process"))?;
+        phases.mark("parse");
         let dir = Path::new(CONTAINERS).join(&id);
         let root = dir.join("rootfs");
         std::fs::create_dir_all(&root)
@@ -339,6 +348,7 @@ impl Agent {
         let mut security = None;
         let r = (|| {
             self.mount_rootfs(&rootfs, &root)?;
+            phases.mark("rootfs");
             self.ensure_mount_sources(&spec.mounts)?;
             let mut files = Vec::new();
             let mut mounts = spec.mounts.clone();
@@ -370,8 +380,10 @@ impl Agent {
                     }
                 }
             }
+            phases.mark("files");
             let linux = spec.linux.clone().unwrap_or_default();
             let cgroup = crate::guest_cgroup::create(&id, linux.resources.as_ref()).map_err(err)?;
+            phases.mark("cgroup");
             let join_namespaces = pod_sandbox_pid
                 .map(|pid| crate::spec::namespaces_to_join(&linux, pid))
                 .unwrap_or_default();
@@ -403,11 +415,14 @@ impl Agent {
                 wait_start: true,
                 seccomp: linux.seccomp.clone(),
                 cgroup: cgroup.as_ref().map(|c| c.to_string_lossy().into_owned()),
-                timing: false,
+                timing: phases.enabled(),
             };
             security = Some((linux.seccomp, cgroup));
-            self.spawn(cfg, stdio, &mut Phases::start(false))
+            self.spawn(cfg, stdio, &mut phases)
         })();
+        if phases.enabled() {
+            crate::debug!("create {id} phases: {phases}");
+        }
         let spawned = match r {
             Ok(s) => s,
             Err(e) => {
