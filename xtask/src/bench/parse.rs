@@ -154,7 +154,7 @@ pub struct GuestMarks {
     pub agent_start: Option<f64>,
     /// `runv-agent: debug: modules loaded after N ms`.
     pub modules_done: Option<f64>,
-    /// `runv-agent: info: channel open after N ms`.
+    /// `runv-agent: info: channel <name> open after N ms`.
     pub channel_open: Option<f64>,
     /// `runv-agent: info: host connected` (the host's hello arrived: ≈ the host's agent-ready).
     pub host_connected: Option<f64>,
@@ -190,7 +190,8 @@ pub fn guest_marks(console: &str) -> GuestMarks {
                 m.agent_start.get_or_insert(ts);
             } else if agent.starts_with("debug: modules loaded after") {
                 m.modules_done.get_or_insert(ts);
-            } else if agent.starts_with("info: channel open") {
+            } else if agent.starts_with("info: channel ") && agent.contains(" open after ") {
+                // "channel virtio-serial open after N ms" (older agents: "channel open ...")
                 m.channel_open.get_or_insert(ts);
             } else if agent.starts_with("info: host connected") {
                 m.host_connected.get_or_insert(ts);
@@ -339,7 +340,7 @@ mod tests {
                  [    2.014401] runv-agent: info: starting runv-agent 0.1.0\n\
                  [    2.066925] runv-agent: debug: module virtio_ring loaded in 36.9 ms\n\
                  [    2.400000] runv-agent: debug: modules loaded after 390 ms\n\
-                 [    2.410000] runv-agent: info: channel open after 400 ms\n\
+                 [    2.410000] runv-agent: info: channel virtio-serial open after 400 ms\n\
                  [    2.420000] runv-agent: info: host connected: runv 0.1.0\n";
         let m = guest_marks(c);
         assert_eq!(m.initrd_unpack, Some((0.866087, 1.086943)));
