@@ -30,32 +30,25 @@ pub fn lookup(args: &[String], path: &str) -> Result<PathBuf, Fail> {
     let Some(arg0) = args.first() else {
         return Err(fail("args must not be empty"));
     };
-    let executable = |p: &Path| -> Result<(), std::io::Error> {
-        let m = std::fs::metadata(p)?;
-        if m.is_dir() || m.permissions().mode() & 0o111 == 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EACCES));
-        }
-        Ok(())
-    };
+    // One stat per candidate: over 9p without a cache each is a walk of the whole path.
+    let executable = |m: &std::fs::Metadata| !m.is_dir() && m.permissions().mode() & 0o111 != 0;
     if arg0.contains('/') {
         return match std::fs::metadata(arg0) {
             Err(e) => Err(Fail {
                 code: 127,
                 message: format!("exec: \"{arg0}\": stat {arg0}: {}", errno_text(&e)),
             }),
-            Ok(_) => match executable(Path::new(arg0)) {
-                Ok(()) => Ok(PathBuf::from(arg0)),
-                Err(_) => Err(Fail {
-                    code: 126,
-                    message: format!("exec: \"{arg0}\": permission denied"),
-                }),
-            },
+            Ok(m) if executable(&m) => Ok(PathBuf::from(arg0)),
+            Ok(_) => Err(Fail {
+                code: 126,
+                message: format!("exec: \"{arg0}\": permission denied"),
+            }),
         };
     }
     for dir in path.split(':') {
         let dir = if dir.is_empty() { "." } else { dir };
         let cand = Path::new(dir).join(arg0);
-        if executable(&cand).is_ok() {
+        if std::fs::metadata(&cand).is_ok_and(|m| executable(&m)) {
             return Ok(cand);
         }
     }
