@@ -79,14 +79,14 @@ pub fn start(
         .and_then(|store| Ok((request.shape(&store, driver)?.key(), store)));
     let (key, store) = match opened {
         Ok(found) => found,
-        // A store this user may not write (runv as non-root, a read-only /var) is how
-        // `auto`, the default, meets such hosts: not worth a warning on every start.
-        Err(e) if named.is_none() && not_permitted(&e) => {
-            tracing::debug!("templates: {e:#}; booting instead");
-            return Ok(Start::Cold);
-        }
         Err(e) if named.is_none() => {
-            tracing::warn!("templates: {e:#}; booting instead");
+            // A store this user may not write (runv as non-root, a read-only /var) is how
+            // `auto`, the default, meets such hosts: not worth a warning on every start.
+            if not_permitted(&e) {
+                tracing::debug!("templates: {e:#}; booting instead");
+            } else {
+                tracing::warn!("templates: {e:#}; booting instead");
+            }
             return Ok(Start::Cold);
         }
         Err(e) => return Err(e),
